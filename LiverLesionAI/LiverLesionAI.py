@@ -1,0 +1,402 @@
+"""LiverLesionAI: liver and per-lesion segmentation and typing on abdominal CT, with interactive review.
+
+A thin shell: every control calls one function of the Qt-free layer (``liverlesionai.mrml``, the folder
+``Logic/``), which is tested without Slicer on the slicer-core wheel. Segment & Classify runs in a
+separate process (``Logic/slicer_worker.py``); the result enters the scene only when that run succeeds.
+"""
+
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+_LOGIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Logic")
+
+
+def _engine_package():
+    """``liverlesionai`` (the Logic folder), imported under that unique name, never as ``Logic``."""
+    if "liverlesionai" not in sys.modules and importlib.util.find_spec("liverlesionai") is None:
+        spec = importlib.util.spec_from_file_location(
+            "liverlesionai", os.path.join(_LOGIC_DIR, "__init__.py"), submodule_search_locations=[_LOGIC_DIR])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["liverlesionai"] = module
+        spec.loader.exec_module(module)
+    import liverlesionai
+    return liverlesionai
+
+
+_engine_package()
+# Only modules that need numpy alone: torch, scipy... may not be installed yet (they are imported on use).
+from liverlesionai import mrml, slicer_worker  # noqa: E402
+from liverlesionai.selftest import failed_checks, run_review_scenario  # noqa: E402
+from liverlesionai.terminology import TERMINOLOGY_FILE  # noqa: E402
+
+PHANTOM_NAME = "LiverLesionAI phantom"
+SHIPPED_VERSION = "shipped"  # liverlesionai.registry.SHIPPED_VERSION (that module imports torch)
+
+
+class LiverLesionAI(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("LiverLesionAI")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Segmentations", "SegmentEditor", "Terminologies"]
+        self.parent.contributors = ["LiverLesionAI contributors"]
+        self.parent.helpText = _(
+            "Segments the liver and each liver lesion on an abdominal CT and types every lesion (cyst, "
+            "hemangioma, metastasis) with a probability. Review the lesions in the table: click a row to "
+            "centre the views, change the type, confirm or reject, correct masks in the embedded Segment "
+            "Editor. Research use only, not for diagnosis. See the README of the extension.")
+        self.parent.acknowledgementText = _(
+            "Tested on the 3D-IRCADb-01 CT of IRCAD France. The shipped model is trained only on synthetic "
+            "phantoms the project generates itself.")
+        slicer.app.connect("startupCompleted()", _onStartupCompleted)
+
+
+def _onStartupCompleted():
+    slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
+    import SampleData
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="LiverLesionAI", sampleName=PHANTOM_NAME, uris=None, fileNames=None,
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "LiverLesionAI.png"),
+        customDownloader=lambda source: loadPhantom())
+
+
+def loadPhantom(seed=1):
+    """The synthetic test CT, generated locally (no download), as a volume node."""
+    from liverlesionai.phantom import generate_phantom_ct
+    ct, _truth = generate_phantom_ct(seed, max_in_plane=256)
+    node = mrml.volume_node_from_ct(slicer.mrmlScene, ct, PHANTOM_NAME)
+    slicer.util.setSliceViewerLayers(background=node, fit=True)
+    return node
+
+
+@parameterNodeWrapper
+class LiverLesionAIParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: str = SHIPPED_VERSION
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    segmentation: vtkMRMLSegmentationNode
+
+
+class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._records = []
+        self._editTimer = qt.QTimer()
+        self._editTimer.setSingleShot(True)
+        self._editTimer.setInterval(700)  # measure once the brush stops, not on every stroke
+        self._editTimer.connect("timeout()", self.updateTable)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LiverLesionAI.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LiverLesionAILogic()
+        self.ui.progressBar.hide()
+        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        self.ui.modelComboBox.addItems(self.logic.modelVersions())
+        self.ui.lesionTable.setColumnCount(len(mrml.TABLE_COLUMNS))
+        self.ui.lesionTable.setHorizontalHeaderLabels(list(mrml.TABLE_COLUMNS))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.setParameterNode(None))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", self.logic.cancel)
+        self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
+        self.ui.lesionTable.connect("cellClicked(int,int)", self.onRowClicked)
+        self.ui.confirmButton.connect("clicked(bool)", lambda: self.onReview(mrml.set_review_status, "confirmed"))
+        self.ui.rejectButton.connect("clicked(bool)", lambda: self.onReview(mrml.set_review_status, "rejected"))
+        self.ui.undoReviewButton.connect("clicked(bool)", lambda: self.onReview(mrml.undo_review_status))
+        self.ui.classifyButton.connect("clicked(bool)", self.onClassify)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.ui.modelComboBox.setCurrentText(self._parameterNode.model)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None):
+        p = self._parameterNode
+        self.ui.applyButton.enabled = bool(p and p.inputVolume) and not self.logic.isRunning()
+        seg = p.segmentation if p else None
+        if seg is not self.ui.segmentEditorWidget.segmentationNode():
+            self.ui.segmentEditorWidget.setSegmentationNode(seg)
+            self.ui.segmentEditorWidget.setSourceVolumeNode(p.inputVolume if p else None)
+            self.removeObservers(self.onSegmentsEdited)
+            if seg:
+                self.addObserver(seg.GetSegmentation(), slicer.vtkSegmentation.RepresentationModified, self.onSegmentsEdited)
+                self.addObserver(seg.GetSegmentation(), slicer.vtkSegmentation.SegmentAdded, self.onSegmentsEdited)
+            self.updateTable()
+
+    def onModelChanged(self, text):
+        if self._parameterNode and text:
+            self._parameterNode.model = text
+
+    def onApply(self):
+        with slicer.util.tryWithErrorDisplay(_("Segment & Classify could not start."), waitCursor=True):
+            self.logic.ensureDependencies()
+            p = self._parameterNode
+            self.ui.progressBar.show()
+            self.logic.startSegmentation(p.inputVolume, p.model, p.device, self.onProgress, self.onFinished)
+            self.ui.applyButton.enabled, self.ui.cancelButton.enabled = False, True
+
+    def onProgress(self, fraction, message):
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+
+    def onFinished(self, segNode, message):
+        self.ui.progressBar.hide()
+        self.ui.cancelButton.enabled = False
+        self.ui.statusLabel.text = message
+        if segNode is not None:
+            self._parameterNode.segmentation = segNode
+        self.onParameterNodeModified()
+
+    def onSegmentsEdited(self, caller=None, event=None):
+        self._editTimer.start()
+
+    def updateTable(self):
+        p = self._parameterNode
+        self._records = []
+        if p and p.segmentation and p.inputVolume:
+            with slicer.util.tryWithErrorDisplay(_("Could not measure the lesions.")):
+                self._records = mrml.refresh_measurements(p.segmentation, p.inputVolume)
+        table = self.ui.lesionTable
+        table.setRowCount(len(self._records))
+        for row, cells in enumerate(mrml.table_rows(self._records)):
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+            if cells[1] in mrml.LESION_TYPES:  # an unclassified lesion gets a type with Classify
+                typeBox = qt.QComboBox()
+                typeBox.addItems(list(mrml.LESION_TYPES))
+                typeBox.setCurrentText(cells[1])
+                typeBox.connect("activated(int)", lambda index, r=row, box=typeBox: self.onTypeChanged(r, box.itemText(index)))
+                table.setCellWidget(row, 1, typeBox)
+
+    def _selectedSegmentId(self, row=None):
+        row = self.ui.lesionTable.currentRow() if row is None else row
+        if not 0 <= row < len(self._records):
+            raise ValueError(_("Select a lesion in the table first."))
+        return mrml.segment_id_for_lesion(self._parameterNode.segmentation, self._records[row].lesion_id)
+
+    def onRowClicked(self, row, column):
+        x, y, z = mrml.lesion_centroid_ras(self._records[row])
+        slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
+
+    def onTypeChanged(self, row, lesionType):
+        with slicer.util.tryWithErrorDisplay(_("Could not change the lesion type.")):
+            mrml.set_lesion_type(self._parameterNode.segmentation, self._selectedSegmentId(row), lesionType)
+        self.updateTable()
+
+    def onReview(self, action, *args):
+        with slicer.util.tryWithErrorDisplay(_("Could not change the review status.")):
+            action(self._parameterNode.segmentation, self._selectedSegmentId(), *args)
+        self.updateTable()
+
+    def onClassify(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not classify the lesion."), waitCursor=True):
+            self.logic.ensureDependencies()
+            p = self._parameterNode
+            mrml.classify_segment(self.logic.engine(p.model, p.device), p.segmentation,
+                                  self.ui.segmentEditorWidget.currentSegmentID(), p.inputVolume)
+        self.updateTable()
+
+
+class LiverLesionAILogic(ScriptedLoadableModuleLogic):
+    """Qt parts only: the worker process, dependency install, the engine for on-demand typing."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._process = None
+        self._workDir = None
+        self._engines = {}
+
+    def getParameterNode(self):
+        return LiverLesionAIParameterNode(super().getParameterNode())
+
+    def segmentEditorNode(self):
+        node = slicer.mrmlScene.GetSingletonNode("LiverLesionAI", "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.vtkMRMLSegmentEditorNode()
+            node.SetSingletonTag("LiverLesionAI")
+            node = slicer.mrmlScene.AddNode(node)
+        return node
+
+    def modelVersions(self):
+        try:
+            from liverlesionai.registry import ModelRegistry
+        except ImportError:  # PyTorch not installed yet: only the shipped model can be offered
+            return [SHIPPED_VERSION]
+        return [info.version for info in ModelRegistry().list_versions() if not info.problem] or [SHIPPED_VERSION]
+
+    def ensureDependencies(self):
+        """Install what the engine needs, only after asking (never at import time)."""
+        try:
+            import PyTorchUtils  # the PyTorch extension picks the CUDA build that fits this machine
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
+                raise RuntimeError(_("PyTorch is required; install it from the PyTorch extension."))
+        except ImportError:
+            pass  # then pip installs torch with the other requirements below
+        requirements = self.resourcePath("requirements.txt")
+        try:
+            import slicer.packaging
+            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements), requester="LiverLesionAI")
+        except ImportError:  # Slicer before 5.11
+            missing = slicer_worker.missing_requirements(requirements)
+            if missing and slicer.util.confirmOkCancelDisplay(
+                    _("LiverLesionAI needs these Python packages:\n{0}\nInstall them now?").format("\n".join(missing))):
+                slicer.util.pip_install(missing)
+            elif missing:
+                raise RuntimeError(_("Python packages missing: {0}").format(", ".join(missing)))
+
+    def resourcePath(self, relativePath):
+        return os.path.join(os.path.dirname(__file__), "Resources", relativePath)
+
+    def modelPath(self, version):
+        from liverlesionai.registry import ModelRegistry
+        return str(ModelRegistry().model_dir(version))
+
+    def engine(self, version, device):
+        from liverlesionai.engine import LiverLesionEngine  # imports torch: only once it is installed
+        key = (version, device)
+        if key not in self._engines:
+            self._engines[key] = LiverLesionEngine(model=self.modelPath(version), device=device)
+        return self._engines[key]
+
+    def isRunning(self):
+        return self._process is not None
+
+    def startSegmentation(self, volumeNode, version, device, onProgress, onFinished):
+        if self.isRunning():
+            raise RuntimeError(_("A segmentation is already running."))
+        self._workDir = tempfile.mkdtemp(prefix="LiverLesionAI-")
+        ctPath = slicer_worker.write_volume_for_worker(volumeNode, self._workDir)
+        args = slicer_worker.segment_command(ctPath, os.path.join(self._workDir, "out"), self.modelPath(version), device)
+        self._process = process = qt.QProcess()
+        process.setProcessChannelMode(qt.QProcess.MergedChannels)
+        output, pending = [], [""]
+
+        def readOutput():
+            text = pending[0] + process.readAllStandardOutput().data().decode("utf-8", "replace")
+            *lines, pending[0] = text.split("\n")  # keep a half-received line for the next read
+            for line in lines:
+                progress = slicer_worker.parse_progress_line(line)
+                onProgress(*progress) if progress else output.append(line)
+
+        def finished(exitCode, exitStatus):
+            readOutput()
+            output.append(pending[0])
+            segNode, message = None, _("Cancelled: the scene is unchanged.")
+            if not process.property("cancelled"):
+                try:
+                    if exitStatus != qt.QProcess.NormalExit or exitCode != 0:
+                        raise RuntimeError("\n".join(output[-15:]) or _("The segmentation process failed."))
+                    segNode = slicer_worker.load_worker_result(slicer.mrmlScene, volumeNode, os.path.join(self._workDir, "out"))
+                    mrml.show_surfaces(segNode)
+                    message = _("Done: {0} lesion(s).").format(len(mrml.lesion_segment_ids(segNode)))
+                except Exception as error:
+                    logging.error(str(error))
+                    message = _("Failed: {0}").format(error)
+            self._process = None
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            onFinished(segNode, message)
+
+        process.connect("readyReadStandardOutput()", readOutput)
+        process.connect("finished(int,QProcess::ExitStatus)", finished)
+        process.start(args[0], args[1:])
+
+    def cancel(self):
+        if self._process is not None:
+            self._process.setProperty("cancelled", True)
+            self._process.kill()
+
+
+class LiverLesionAITest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentAndReview()
+        self.setUp()
+        self.test_BackgroundRunAndCancel()
+
+    def test_SegmentAndReview(self):
+        self.delayDisplay("Segment & Classify on the LiverLesionAI phantom, then review")
+        logic = LiverLesionAILogic()
+        logic.ensureDependencies()
+        volumeNode = loadPhantom()
+        checks = run_review_scenario(slicer.mrmlScene, volumeNode, logic.engine(SHIPPED_VERSION, "cpu"))
+        self.assertEqual(failed_checks(checks), [], checks.get("_details"))
+        self.delayDisplay("Test passed")
+
+    def test_BackgroundRunAndCancel(self):
+        volumeNode = loadPhantom()
+        logic, done = LiverLesionAILogic(), []
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        logic.startSegmentation(volumeNode, SHIPPED_VERSION, "cpu", lambda f, m: None, lambda n, m: done.append(n))
+        logic.cancel()
+        self._waitFor(done)
+        self.assertIsNone(done[0])
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)  # cancelling leaves the scene as it was
+        done.clear()
+        logic.startSegmentation(volumeNode, SHIPPED_VERSION, "cpu", lambda f, m: None, lambda n, m: done.append(n))
+        self._waitFor(done)
+        self.assertIsNotNone(done[0])
+        self.assertIn("liver", list(done[0].GetSegmentation().GetSegmentIDs()))
+
+    def _waitFor(self, done, timeoutSeconds=900):
+        timer = qt.QElapsedTimer()
+        timer.start()
+        while not done and timer.elapsed() < timeoutSeconds * 1000:
+            slicer.app.processEvents()
+            qt.QThread.msleep(50)
+        self.assertTrue(done, "the background segmentation did not finish in time")

@@ -1,0 +1,259 @@
+"""Inference: CT volume -> liver mask, lesion instances, typed lesion records (in the input geometry).
+
+Cascade: stage 1 finds the liver on a coarse canonical grid covering the whole scan; stage 2 works
+on a fine grid inside the liver box, segmenting liver and lesions and typing every lesion pixel;
+each lesion (3D connected component) is then typed by the classifier head from three orthogonal
+patches through it (stage-2 encoder features + pixel type probabilities), with a calibrated
+temperature. Probabilities are kept only inside the liver box and at float16.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .errors import ModelFileError
+from .geometry import canonicalize, grid_bounds, resample_separable, sub_grid
+from .lesions import build_lesion_records
+from .model_io import load_model
+from .networks import STAGE2_FIRST_LESION, CascadeConfig, LesionClassifierHead, UNet2p5D
+from .preprocessing import canonical_grid, normalize_hu
+from .records import LESION_TYPES, CTVolume, SegmentationResult
+from .training import lesion_view_inputs, lesion_view_vectors, resolve_device
+from .validation import validate_ct
+
+MIN_LIVER_ML = 150.0  # below this, stage 1 found no liver worth reporting
+MIN_LESION_MM3 = 14.0  # ~3 mm diameter: the smallest lesion the product reports
+ROI_MARGIN_MM = 15.0
+
+Progress = Callable[[float, str], None]
+
+
+def _no_progress(fraction, message):
+    pass
+
+
+def largest_component(mask):
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+class LiverLesionEngine:
+    """Loads a model once; ``segment`` runs the whole cascade on a CT."""
+
+    def __init__(self, model=None, device: str = "auto", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = resolve_device(device)
+        if model is None:
+            from .registry import ModelRegistry
+            model = ModelRegistry().active_model_dir()
+        self.model_dir = Path(model)
+        state, card = load_model(self.model_dir)
+        if "architecture" not in card:
+            raise ModelFileError(f"Model card of {self.model_dir} has no architecture; not a LiverLesionAI model.")
+        self.card = card
+        self.version = str(card.get("version", self.model_dir.name))
+        self.config = CascadeConfig.from_dict(card["architecture"])
+        self.stage1 = UNet2p5D(self.config.stage1)
+        self.stage2 = UNet2p5D(self.config.stage2)
+        self.classifier = LesionClassifierHead(self.config.stage2.features)
+        parts = {"stage1": self.stage1, "stage2": self.stage2, "classifier": self.classifier}
+        for prefix, net in parts.items():
+            sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            try:
+                net.load_state_dict(sub)
+            except RuntimeError as e:
+                raise ModelFileError(f"Model {self.model_dir} does not fit this LiverLesionAI version "
+                                     f"({prefix}: {str(e).splitlines()[0]})") from None
+            net.to(self.device).eval()
+
+    # ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _predict_slabs(self, net, volume, prior=None, slices=None, batch=16):
+        """Softmax probabilities (classes, K, H, W) float16 of a 2.5D net over axial slabs."""
+        half = (net.config.in_channels - (prior is not None)) // 2
+        nk = volume.shape[0]
+        out = np.zeros((net.config.num_classes, *volume.shape), np.float16)
+        out[0] = 1.0
+        slices = np.arange(nk) if slices is None else slices
+        padded = np.pad(volume, ((half, half), (0, 0), (0, 0)), mode="edge")
+        use_amp = self.device.type == "cuda"
+        for start in range(0, len(slices), batch):
+            ks = slices[start:start + batch]
+            x = np.stack([padded[k:k + 2 * half + 1] for k in ks])
+            if prior is not None:
+                x = np.concatenate([x, prior[ks][:, None]], axis=1)
+            xt = torch.from_numpy(x).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = net(xt)
+            out[:, ks] = logits.float().softmax(1).cpu().numpy().transpose(1, 0, 2, 3)
+        return out
+
+    def _empty_result(self, ct, message, started):
+        shape = ct.voxels.shape
+        return SegmentationResult(np.zeros(shape, np.uint8), np.zeros(shape, np.uint16), [], ct.ijk_to_ras.copy(),
+                                  0.0, [message], self.version)
+
+    # ------------------------------------------------------------------------------------------
+    def segment(self, ct: CTVolume, progress: Progress | None = None, force: bool = False) -> SegmentationResult:
+        progress = progress or _no_progress
+        started = time.perf_counter()
+        cfg = self.config
+        progress(0.0, "Checking the CT")
+        warnings = validate_ct(ct, force=force)
+        canon = canonicalize(ct.voxels, ct.ijk_to_ras)
+        lo, hi = grid_bounds(canon.grid)
+
+        progress(0.1, "Finding the liver (stage 1)")
+        g1 = canonical_grid(lo, hi, cfg.stage1_spacing, multiple=self.stage1.divisor)
+        x1 = normalize_hu(resample_separable(canon.array, canon.grid, g1, 1, cval=-1024), cfg.hu_window)
+        liver_prob1 = self._predict_slabs(self.stage1, x1)[1].astype(np.float32)
+        liver1 = largest_component(liver_prob1 > 0.5)
+        liver1_ml = liver1.sum() * np.prod(g1.spacing) / 1000
+        if liver1_ml < MIN_LIVER_ML:
+            result = self._empty_result(ct, "No liver found in this CT (is the upper abdomen in the field of view?).",
+                                        started)
+            result.messages.extend(warnings)
+            progress(1.0, "No liver found")
+            return result
+
+        progress(0.3, "Segmenting and typing lesions (stage 2)")
+        (kmin, jmin, imin), (kmax, jmax, imax) = np.argwhere(liver1).min(0), np.argwhere(liver1).max(0)
+        corners = (g1.ijk_to_ras @ np.array([[imin, jmin, kmin, 1.0], [imax, jmax, kmax, 1.0]]).T)[:3]
+        roi_lo = np.maximum(corners.min(1) - ROI_MARGIN_MM, lo)
+        roi_hi = np.minimum(corners.max(1) + ROI_MARGIN_MM, hi)
+        g2 = canonical_grid(roi_lo, roi_hi, cfg.stage2_spacing, multiple=self.stage2.divisor)
+        x2 = normalize_hu(resample_separable(canon.array, canon.grid, g2, 1, cval=-1024), cfg.hu_window)
+        prior2 = resample_separable(liver_prob1, g1, g2, 1, cval=0.0)
+        active = np.nonzero(prior2.reshape(len(prior2), -1).max(1) > 0.05)[0]
+        probs2 = self._predict_slabs(self.stage2, x2, prior=prior2, slices=active)
+        labels2 = probs2.argmax(0)
+        near_liver = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / cfg.stage2_spacing[0])))
+        liver_region = largest_component((labels2 >= 1) & near_liver)
+        lesion_mask = (labels2 >= STAGE2_FIRST_LESION) & liver_region
+        instances2, n = ndimage.label(lesion_mask, structure=np.ones((3, 3, 3)))
+        min_voxels = MIN_LESION_MM3 / np.prod(cfg.stage2_spacing)
+        sizes = np.bincount(instances2.ravel(), minlength=n + 1)
+        keep = np.nonzero(sizes >= min_voxels)[0]
+        keep = keep[keep > 0]
+
+        progress(0.6, f"Classifying {len(keep)} lesion(s)")
+        type_probs2 = self._classify(x2, prior2, probs2, instances2, keep)
+
+        progress(0.8, "Mapping results to the CT's geometry")
+        remap = np.zeros(n + 1, np.uint16)
+        remap[keep] = np.arange(1, len(keep) + 1)
+        instances2 = remap[instances2]
+        type_probs2 = {int(remap[k]): p for k, p in type_probs2.items()}
+        liver_fg = (probs2[1:].astype(np.float32).sum(0)) * liver_region
+        lesion_fg = probs2[STAGE2_FIRST_LESION:].astype(np.float32).sum(0) * (instances2 > 0)
+        sub, slices = sub_grid(canon.grid, *grid_bounds(g2))
+        liver_c = np.zeros(canon.grid.shape, np.uint8)
+        inst_c = np.zeros(canon.grid.shape, np.uint16)
+        if sub is not None:
+            liver_in = resample_separable(liver_fg, g2, sub, 1) > 0.5
+            lesion_in = resample_separable(lesion_fg, g2, sub, 1) > 0.5
+            grown = ndimage.grey_dilation(instances2, size=(3, 3, 3))
+            grown = np.where(instances2 > 0, instances2, grown)
+            inst_in = resample_separable(grown, g2, sub, 0, cval=0, dtype=np.uint16) * lesion_in
+            liver_c[slices] = liver_in & ~lesion_in
+            inst_c[slices] = inst_in
+        liver_mask = canon.to_input(liver_c)
+        instances = canon.to_input(inst_c)
+        instances, type_probs = _renumber_by_volume(instances, type_probs2)
+
+        progress(0.9, "Measuring lesions")
+        records = build_lesion_records(ct.voxels, instances, ct.ijk_to_ras, type_probs)
+        voxel_ml = abs(np.linalg.det(ct.ijk_to_ras[:3, :3])) / 1000
+        liver_ml = float((liver_mask > 0).sum() + (instances > 0).sum()) * voxel_ml
+        messages = list(warnings)
+        if not records:
+            messages.append("No liver lesions found.")
+        progress(1.0, f"Done: liver {liver_ml:.0f} mL, {len(records)} lesion(s)")
+        return SegmentationResult(liver_mask, instances, records, ct.ijk_to_ras.copy(), liver_ml, messages,
+                                  self.version)
+
+    # ------------------------------------------------------------------------------------------
+    def _classify(self, x2, prior2, probs2, instances2, lesion_ids):
+        """Type probabilities per lesion id from the classifier head (three orthogonal patches)."""
+        if len(lesion_ids) == 0:
+            return {}
+        size = self.config.classifier_patch
+        half = (self.config.stage2.in_channels - 1) // 2
+        r = size // 2
+        pad = [(r, r)] * 3
+        x_pad = np.pad(x2, pad, constant_values=-1.0)
+        prior_pad = np.pad(prior2, pad)
+        centroids = ndimage.center_of_mass(np.ones_like(instances2, np.uint8), instances2, lesion_ids)
+        inputs, masks = [], []
+        inst_pad = np.pad(instances2, pad)
+        for lesion_id, c in zip(lesion_ids, centroids):
+            k, j, i = (int(round(v)) + r for v in c)
+            box = (slice(k - r, k + r), slice(j - r, j + r), slice(i - r, i + r))
+            mask = inst_pad[box] == lesion_id
+            if not mask[r].any() or not mask[:, r].any() or not mask[:, :, r].any():
+                # non-convex lesion: centre the patches on one of its own voxels
+                vox = np.argwhere(inst_pad == lesion_id)
+                k, j, i = vox[len(vox) // 2]
+                box = (slice(k - r, k + r), slice(j - r, j + r), slice(i - r, i + r))
+                mask = inst_pad[box] == lesion_id
+            view_inputs, view_masks = lesion_view_inputs(x_pad[box], prior_pad[box], mask, half)
+            inputs.append(view_inputs)
+            masks.append(view_masks)
+        out = {}
+        with torch.inference_mode():
+            for start in range(0, len(lesion_ids), 32):
+                ids = lesion_ids[start:start + 32]
+                vin = np.concatenate(inputs[start:start + 32])
+                vm = np.concatenate(masks[start:start + 32])
+                vectors = lesion_view_vectors(self.stage2, vin, vm, self.device)
+                probs = self.classifier(vectors).softmax(1).cpu().numpy()
+                for lesion_id, p in zip(ids, probs):
+                    out[int(lesion_id)] = {t: float(v) for t, v in zip(LESION_TYPES, p)}
+        return out
+
+    def classify_lesion(self, ct: CTVolume, lesion_mask: np.ndarray) -> dict[str, float]:
+        """Type probabilities for one lesion the user drew (mask in the CT's voxel grid)."""
+        if lesion_mask.shape != ct.voxels.shape or not lesion_mask.any():
+            raise ValueError("The lesion mask is empty or does not match the CT's size.")
+        cfg = self.config
+        canon = canonicalize(ct.voxels, ct.ijk_to_ras)
+        mask_c = canonicalize(lesion_mask.astype(np.uint8), ct.ijk_to_ras).array
+        lo, hi = grid_bounds(canon.grid)
+        g1 = canonical_grid(lo, hi, cfg.stage1_spacing, multiple=self.stage1.divisor)
+        x1 = normalize_hu(resample_separable(canon.array, canon.grid, g1, 1, cval=-1024), cfg.hu_window)
+        liver_prob1 = self._predict_slabs(self.stage1, x1)[1].astype(np.float32)
+        idx = np.argwhere(mask_c)
+        pts = np.c_[idx[:, ::-1], np.ones(len(idx))] @ canon.grid.ijk_to_ras.T
+        margin = cfg.classifier_patch * cfg.stage2_spacing[0]
+        g2 = canonical_grid(np.maximum(pts[:, :3].min(0) - margin, lo), np.minimum(pts[:, :3].max(0) + margin, hi),
+                            cfg.stage2_spacing, multiple=self.stage2.divisor)
+        x2 = normalize_hu(resample_separable(canon.array, canon.grid, g2, 1, cval=-1024), cfg.hu_window)
+        prior2 = resample_separable(liver_prob1, g1, g2, 1, cval=0.0)
+        mask2 = (resample_separable(mask_c, canon.grid, g2, 1) > 0.5).astype(np.int32)
+        if not mask2.any():
+            mask2 = (resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0).astype(np.int32)
+        probs2 = self._predict_slabs(self.stage2, x2, prior=prior2)
+        return self._classify(x2, prior2, probs2, mask2, np.array([1]))[1]
+
+
+def _renumber_by_volume(instances, type_probs):
+    """Lesion ids 1..n by decreasing volume (id 1 = largest), dropping lesions lost in resampling."""
+    counts = np.bincount(instances.ravel())
+    ids = [i for i in np.argsort(-counts, kind="stable") if i > 0 and counts[i] > 0]
+    remap = np.zeros(len(counts), np.uint16)
+    new_probs = {}
+    for new_id, old_id in enumerate(ids, start=1):
+        remap[old_id] = new_id
+        new_probs[new_id] = type_probs[int(old_id)]
+    return remap[instances], new_probs

@@ -1,0 +1,159 @@
+"""Networks: small composable blocks, configuration as data.
+
+Stage 1 and stage 2 are both 2.5D U-Nets (a few adjacent slices as input channels, 2D convolutions):
+on 2 CPU cores they are several times cheaper than 3D networks at equal receptive field, and the
+slab can be axial, coronal or sagittal, which the lesion classifier uses (three orthogonal patches
+through each lesion, encoded by the stage-2 encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int
+    num_classes: int
+    features: tuple = (16, 32, 64, 128, 256)
+    convs_per_stage: int = 2
+
+    def to_dict(self):
+        d = asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        d["features"] = tuple(d["features"])
+        return cls(**d)
+
+
+@dataclass
+class CascadeConfig:
+    """Everything the engine needs to know about the two stages, stored in the model card."""
+
+    stage1: UNetConfig = field(default_factory=lambda: UNetConfig(in_channels=5, num_classes=2))
+    stage2: UNetConfig = field(default_factory=lambda: UNetConfig(in_channels=4, num_classes=5))
+    stage1_spacing: tuple = (3.0, 3.0, 3.0)  # mm along x, y, z
+    stage2_spacing: tuple = (1.25, 1.25, 1.25)
+    hu_window: tuple = (-250.0, 350.0)
+    classifier_patch: int = 64  # pixels of each orthogonal patch (at stage2_spacing)
+
+    def to_dict(self):
+        return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
+                "stage1_spacing": list(self.stage1_spacing), "stage2_spacing": list(self.stage2_spacing),
+                "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(UNetConfig.from_dict(d["stage1"]), UNetConfig.from_dict(d["stage2"]),
+                   tuple(d["stage1_spacing"]), tuple(d["stage2_spacing"]), tuple(d["hu_window"]),
+                   int(d["classifier_patch"]))
+
+
+# stage-2 classes (per pixel): 0 outside the liver, 1 liver parenchyma, 2.. lesion types
+STAGE2_OUTSIDE, STAGE2_LIVER, STAGE2_FIRST_LESION = 0, 1, 2
+
+
+class ConvNormAct(nn.Sequential):
+    def __init__(self, in_ch, out_ch, stride=1):
+        super().__init__(nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.01, inplace=True))
+
+
+class Stage(nn.Sequential):
+    def __init__(self, in_ch, out_ch, convs, stride=1):
+        layers = [ConvNormAct(in_ch, out_ch, stride)]
+        layers += [ConvNormAct(out_ch, out_ch) for _ in range(convs - 1)]
+        super().__init__(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        chans = [config.in_channels, *config.features]
+        self.stages = nn.ModuleList(
+            Stage(chans[i], chans[i + 1], config.convs_per_stage, stride=1 if i == 0 else 2)
+            for i in range(len(config.features)))
+
+    def forward(self, x):
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        f = config.features
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(f[i + 1], f[i], 2, stride=2) for i in reversed(range(len(f) - 1)))
+        self.stages = nn.ModuleList(Stage(2 * f[i], f[i], config.convs_per_stage) for i in reversed(range(len(f) - 1)))
+        self.head = nn.Conv2d(f[0], config.num_classes, 1)
+
+    def forward(self, skips):
+        x = skips[-1]
+        for up, stage, skip in zip(self.ups, self.stages, reversed(skips[:-1])):
+            x = stage(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+class UNet2p5D(nn.Module):
+    """Input (N, slices, H, W) with H, W multiples of 2**(levels-1); output logits (N, classes, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def divisor(self):
+        return 2 ** (len(self.config.features) - 1)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+class LesionClassifierHead(nn.Module):
+    """Types a lesion from three orthogonal patches through it, using the stage-2 encoder's features.
+
+    Each view's encoder features are averaged inside the (downsampled) lesion mask at every level,
+    and around it (context ring), plus the mean stage-2 pixel type probabilities inside the lesion;
+    the three view vectors are concatenated and mapped to type logits (pixel and patch evidence fused).
+    """
+
+    def __init__(self, features: tuple, num_types: int = 3, hidden: int = 128):
+        super().__init__()
+        per_view = 2 * sum(features) + num_types  # + mean stage-2 type probabilities in the lesion
+        self.mlp = nn.Sequential(nn.Linear(3 * per_view, hidden), nn.LeakyReLU(0.01), nn.Dropout(0.2),
+                                 nn.Linear(hidden, num_types))
+        # input standardisation and calibration temperature, fitted with the head and saved with it
+        self.register_buffer("feature_mean", torch.zeros(3 * per_view))
+        self.register_buffer("feature_std", torch.ones(3 * per_view))
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    @staticmethod
+    def pooled(skips, mask):
+        """mask (N, 1, H, W) float in [0, 1] -> (N, 2*sum(features))."""
+        vectors = []
+        for feat in skips:
+            m = F.adaptive_avg_pool2d(mask, feat.shape[-2:])
+            ring = (F.max_pool2d(m, 3, 1, 1) - m).clamp(min=0)
+            for weight in (m, ring):
+                vectors.append((feat * weight).sum((2, 3)) / weight.sum((2, 3)).clamp(min=1e-3))
+        return torch.cat(vectors, dim=1)
+
+    def forward(self, view_vectors: list):
+        """Calibrated type logits (softmax gives the probabilities)."""
+        return self.logits(torch.cat(view_vectors, dim=1)) / self.temperature
+
+    def logits(self, features):
+        return self.mlp((features - self.feature_mean) / self.feature_std)

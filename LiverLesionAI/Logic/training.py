@@ -1,0 +1,377 @@
+"""Training on streamed phantoms: stage 1 (liver), stage 2 (lesions + per-pixel type), lesion classifier.
+
+Phantom seeds: the held-out test set uses seeds 0..999 (TEST_SEEDS), validation 500_000..,
+training 1_000_000 and up, so training never sees a test phantom.
+Every stage checkpoints to its run folder and resumes from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from . import phantom as ph
+from .networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D
+from .preprocessing import VIEWS, normalize_hu, to_view
+from .records import LESION_TYPES
+
+TEST_SEED_BASE = 0
+VALIDATION_SEED_BASE = 500_000
+TRAIN_SEED_BASE = 1_000_000
+LIVER_TISSUES = (ph.LIVER, ph.LIVER_VESSEL, ph.LESION)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError("A GPU was requested but PyTorch sees no CUDA device; use --device cpu.")
+    return torch.device("cuda" if device == "gpu" else device)
+
+
+class PhantomSource:
+    """Streams phantom descriptions, each reused for a few blocks (drawing one costs ~0.1 s)."""
+
+    def __init__(self, seed_base, reuse=2, domain=None):
+        self.next_seed, self.reuse, self.domain = seed_base, reuse, domain
+        self.current, self.used = None, reuse
+
+    def get(self):
+        if self.used >= self.reuse:
+            self.current, self.used = ph.make_phantom(self.next_seed, self.domain), 0
+            self.next_seed += 1
+        self.used += 1
+        return self.current
+
+
+def block_grid(center, spacing, shape_kji):
+    spacing = np.asarray(spacing, float)
+    nk, nj, ni = shape_kji
+    origin = np.array([center[0] + (ni - 1) / 2 * spacing[0], center[1] + (nj - 1) / 2 * spacing[1],
+                       center[2] - (nk - 1) / 2 * spacing[2]])
+    return ph.Grid(origin, spacing, shape_kji)
+
+
+def _intensity_augment(hu, rng):
+    return hu * rng.uniform(0.95, 1.05) + rng.uniform(-10, 10)
+
+
+def _liver_prior(liver, rng, spacing_mm):
+    """Imitates stage 1's upsampled liver probability (coarse, blurred, slightly off)."""
+    sigma = rng.uniform(1.0, 3.0) / spacing_mm
+    prior = ndimage.gaussian_filter(liver.astype(np.float32), sigma)
+    if rng.random() < 0.3:
+        prior = ndimage.shift(prior, rng.uniform(-2, 2, 3), order=1, mode="nearest")
+    return prior
+
+
+def lesion_pixel_weights(instances_2d, target_area=150.0, max_weight=25.0):
+    """Inverse lesion-size weights: every lesion gets about the same total weight."""
+    weights = np.ones(instances_2d.shape, np.float32)
+    ids, counts = np.unique(instances_2d[instances_2d > 0], return_counts=True)
+    for lesion_id, count in zip(ids, counts):
+        weights[instances_2d == lesion_id] = np.clip(target_area / count, 1.0, max_weight)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------
+def stage1_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4):
+    spacing = np.asarray(cfg.stage1_spacing)
+    half = cfg.stage1.in_channels // 2
+    pad = 3
+    xs, ys = [], []
+    while len(xs) * per_block < batch:
+        phantom = source.get()
+        lo, hi = phantom.liver_bbox
+        liver_center = (lo + hi) / 2
+        if rng.random() < 0.7:
+            cxy = liver_center[:2] + rng.normal(0, 35, 2)
+        else:
+            cxy = rng.uniform(phantom.extent_min[:2] + 60, phantom.extent_max[:2] - 60)
+        cz = rng.uniform(lo[2] - 70, min(hi[2], phantom.liver_cuts[0][1]) + 50)
+        nk = 2 * half + per_block + 2 * pad
+        grid = block_grid((cxy[0], cxy[1], cz), spacing, (nk, size, size))
+        hu, tissue, _ = ph.render(phantom, grid, rng)
+        x = normalize_hu(_intensity_augment(hu, rng), cfg.hu_window)
+        centers = np.arange(pad + half, pad + half + per_block)
+        xs.append(np.stack([x[c - half:c + half + 1] for c in centers]))
+        ys.append(np.isin(tissue[centers], LIVER_TISSUES).astype(np.int64))
+    return torch.from_numpy(np.concatenate(xs)[:batch]), torch.from_numpy(np.concatenate(ys)[:batch])
+
+
+def stage2_targets(tissue, instances, lesion_types):
+    target = np.zeros(tissue.shape, np.int64)
+    target[np.isin(tissue, LIVER_TISSUES)] = STAGE2_LIVER
+    for lesion_id, lesion_type in lesion_types.items():
+        target[instances == lesion_id] = STAGE2_FIRST_LESION + LESION_TYPES.index(lesion_type)
+    return target
+
+
+def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4):
+    spacing = np.asarray(cfg.stage2_spacing)
+    half = (cfg.stage2.in_channels - 1) // 2  # last channel is the liver prior
+    pad = 5
+    xs, ys, ws = [], [], []
+    while len(xs) < batch:
+        phantom = source.get()
+        lo, hi = phantom.liver_bbox
+        if phantom.lesions and rng.random() < 0.65:
+            lesion = phantom.lesions[rng.integers(len(phantom.lesions))]
+            center = lesion.blob.center + rng.normal(0, 1, 3) * np.minimum(lesion.blob.axes, 30) * 0.6
+        else:
+            center = rng.uniform(lo - 15, hi + 15)
+        view = rng.choice(VIEWS, p=[0.5, 0.25, 0.25])
+        depth = 2 * half + per_block + 2 * pad
+        shape = {"axial": (depth, size, size), "coronal": (size, depth, size), "sagittal": (size, size, depth)}[view]
+        grid = block_grid(center, spacing, shape)
+        hu, tissue, instances = ph.render(phantom, grid, rng)
+        liver = np.isin(tissue, LIVER_TISSUES)
+        prior = _liver_prior(liver, rng, spacing[0])
+        x = to_view(normalize_hu(_intensity_augment(hu, rng), cfg.hu_window), view)
+        prior = to_view(prior, view)
+        types = {les.lesion_id: les.lesion_type for les in phantom.lesions}
+        target = to_view(stage2_targets(tissue, instances, types), view)
+        inst = to_view(instances, view)
+        for c in range(pad + half, pad + half + per_block):
+            xs.append(np.concatenate([x[c - half:c + half + 1], prior[c:c + 1]]))
+            ys.append(target[c])
+            ws.append(lesion_pixel_weights(inst[c]))
+    return (torch.from_numpy(np.stack(xs[:batch])), torch.from_numpy(np.stack(ys[:batch])),
+            torch.from_numpy(np.stack(ws[:batch])))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and loop
+# ----------------------------------------------------------------------------------------------
+def dice_ce_loss(logits, target, pixel_weights=None):
+    """Pixel-weighted cross-entropy + soft Dice over the foreground classes present in the batch."""
+    ce = F.cross_entropy(logits, target, reduction="none")
+    if pixel_weights is not None:
+        ce = (ce * pixel_weights).sum() / pixel_weights.sum()
+    else:
+        ce = ce.mean()
+    probs = logits.float().softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    present = onehot.sum(dims)[1:] > 0
+    dice = (2 * inter[1:] + 1) / (denom[1:] + 1)
+    dice_loss = (1 - dice[present]).mean() if present.any() else logits.sum() * 0
+    return ce + dice_loss
+
+
+def _save_checkpoint(path, payload):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=print, checkpoint_every=50,
+                  param_groups=None, cancel=None):
+    """Generic resumable loop; ``make_batch(rng)`` returns (x, target[, weights])."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / f"{name}.ckpt"
+    net.to(device)
+    optimizer = torch.optim.AdamW(param_groups or net.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    step, history = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step = int(state["step"])
+        history = json.loads((run_dir / f"{name}.history.json").read_text()) if \
+            (run_dir / f"{name}.history.json").exists() else []
+        log(f"[{name}] resumed at step {step}")
+    rng = np.random.default_rng(12345 + step)
+    net.train()
+    t0, loss_sum = time.time(), 0.0
+    while step < steps:
+        if cancel is not None and cancel():
+            break
+        batch = [b.to(device) for b in make_batch(rng)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = net(batch[0])
+        loss = dice_ce_loss(logits.float(), *batch[1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        loss_sum += loss.item()
+        if step % 10 == 0 or step == steps:
+            history.append({"step": step, "loss": loss_sum / 10, "seconds": round(time.time() - t0, 1)})
+            log(f"[{name}] step {step}/{steps} loss {loss_sum / 10:.4f} ({time.time() - t0:.0f} s)")
+            loss_sum = 0.0
+        if step % checkpoint_every == 0 or step == steps:
+            _save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "schedule": schedule.state_dict(), "step": step})
+            (run_dir / f"{name}.history.json").write_text(json.dumps(history))
+    net.eval()
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesion classifier (three orthogonal patches through each lesion, stage-2 encoder features)
+# ----------------------------------------------------------------------------------------------
+def lesion_view_inputs(x_cube, prior_cube, mask_cube, half):
+    """Stage-2 inputs and lesion masks of the three orthogonal patches through the cube's centre."""
+    inputs, masks = [], []
+    for view in VIEWS:
+        xv, pv, mv = to_view(x_cube, view), to_view(prior_cube, view), to_view(mask_cube, view)
+        c = xv.shape[0] // 2
+        inputs.append(np.concatenate([xv[c - half:c + half + 1], pv[c:c + 1]]))
+        masks.append(mv[c:c + 1].astype(np.float32))
+    return np.stack(inputs), np.stack(masks)  # (3, C, P, P), (3, 1, P, P)
+
+
+@torch.no_grad()
+def lesion_view_vectors(stage2: UNet2p5D, inputs, masks, device):
+    """Per view: pooled encoder features + mean stage-2 type probabilities inside the lesion mask.
+
+    inputs (N*3, C, P, P), masks (N*3, 1, P, P) -> list of 3 tensors (N, D) in VIEWS order.
+    """
+    x = torch.as_tensor(inputs, device=device)
+    m = torch.as_tensor(masks, device=device)
+    skips = stage2.encoder(x)
+    probs = stage2.decoder(skips).float().softmax(1)[:, STAGE2_FIRST_LESION:]
+    type_probs = (probs * m).sum((2, 3)) / (probs * m).sum((1, 2, 3)).clamp(min=1e-6)[:, None]
+    vec = torch.cat([LesionClassifierHead.pooled([s.float() for s in skips], m), type_probs], dim=1)
+    vec = vec.view(-1, 3, vec.shape[1])
+    return [vec[:, v] for v in range(3)]
+
+
+def classifier_samples(stage2, cfg: CascadeConfig, source, count, rng, device, log=print):
+    """Feature vectors and type labels for ``count`` phantom lesions."""
+    size = cfg.classifier_patch
+    half = (cfg.stage2.in_channels - 1) // 2
+    pad = 5
+    spacing = np.asarray(cfg.stage2_spacing)
+    features, labels, t0 = [], [], time.time()
+    while len(labels) < count:
+        phantom = source.get()
+        if not phantom.lesions:
+            continue
+        lesion = phantom.lesions[rng.integers(len(phantom.lesions))]
+        n = size + 2 * pad
+        grid = block_grid(lesion.blob.center + rng.normal(0, 1.0, 3), spacing, (n, n, n))
+        hu, tissue, instances = ph.render(phantom, grid, rng)
+        crop = (slice(pad, pad + size),) * 3
+        x = normalize_hu(_intensity_augment(hu, rng), cfg.hu_window)[crop]
+        prior = _liver_prior(np.isin(tissue, LIVER_TISSUES), rng, spacing[0])[crop]
+        mask = instances[crop] == lesion.lesion_id
+        if mask[size // 2].sum() == 0 or mask[:, size // 2].sum() == 0 or mask[:, :, size // 2].sum() == 0:
+            continue  # lesion clipped away at its nominal centre
+        inputs, masks = lesion_view_inputs(x, prior, mask, half)
+        features.append(torch.cat(lesion_view_vectors(stage2, inputs, masks, device), dim=1).cpu())
+        labels.append(LESION_TYPES.index(lesion.lesion_type))
+        if len(labels) % 100 == 0:
+            log(f"[classifier] {len(labels)}/{count} lesion samples ({time.time() - t0:.0f} s)")
+    return torch.cat(features), torch.tensor(labels)
+
+
+def fit_classifier(features, labels, cfg: CascadeConfig, rng, epochs=400, log=print):
+    """Train the head on 85% of the samples; fit a temperature on the other 15% (calibration)."""
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    n = len(labels)
+    order = torch.from_numpy(rng.permutation(n))
+    n_val = max(1, int(0.15 * n))
+    val, tr = order[:n_val], order[n_val:]
+    head = LesionClassifierHead(cfg.stage2.features)
+    head.feature_mean.copy_(features[tr].mean(0))
+    head.feature_std.copy_(features[tr].std(0).clamp(min=1e-4))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
+    for _ in range(epochs):
+        head.train()
+        perm = tr[torch.randperm(len(tr))]
+        for start in range(0, len(perm), 64):
+            idx = perm[start:start + 64]
+            loss = F.cross_entropy(head.logits(features[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        logits = head.logits(features[val])
+        temps = torch.linspace(0.5, 3.0, 51)
+        nll = torch.stack([F.cross_entropy(logits / t, labels[val]) for t in temps])
+        temperature = float(temps[nll.argmin()])
+        accuracy = float((logits.argmax(1) == labels[val]).float().mean())
+    log(f"[classifier] validation accuracy {accuracy:.3f}, temperature {temperature:.2f}")
+    head.temperature.fill_(temperature)
+    return head, {"validation_accuracy": accuracy, "temperature": temperature, "samples": n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages as commands
+# ----------------------------------------------------------------------------------------------
+def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, log=print, batch=16,
+                seed_offset=0, classifier_lesions=1200, domain=None):
+    """Train one stage into ``run_dir`` (resumable). stage: "stage1", "stage2" or "classifier"."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device)
+    cfg = CascadeConfig()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    rng = np.random.default_rng(seed_offset + {"stage1": 1, "stage2": 2, "classifier": 3}[stage])
+    if stage == "stage1":
+        source = PhantomSource(TRAIN_SEED_BASE + seed_offset, reuse=4, domain=domain)
+        net = UNet2p5D(cfg.stage1)
+        train_network(net, lambda r: stage1_batch(source, cfg, r, batch), steps, run_dir, "stage1", device, log=log)
+    elif stage == "stage2":
+        source = PhantomSource(TRAIN_SEED_BASE + 200_000 + seed_offset, reuse=2, domain=domain)
+        net = UNet2p5D(cfg.stage2)
+        train_network(net, lambda r: stage2_batch(source, cfg, r, batch), steps, run_dir, "stage2", device, log=log)
+    elif stage == "classifier":
+        stage2 = UNet2p5D(cfg.stage2).to(device)
+        stage2.load_state_dict(torch.load(run_dir / "stage2.ckpt", map_location=device, weights_only=True)["model"])
+        stage2.eval()
+        source = PhantomSource(TRAIN_SEED_BASE + 400_000 + seed_offset, reuse=3, domain=domain)
+        features, labels = classifier_samples(stage2, cfg, source, classifier_lesions, rng, device, log)
+        head, info = fit_classifier(features, labels, cfg, rng, log=log)
+        _save_checkpoint(run_dir / "classifier.ckpt", {"model": head.state_dict(), "info": json.dumps(info)})
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+
+
+def assemble_model(run_dir, model_dir, card_extra: dict | None = None):
+    """Combine the stage checkpoints of ``run_dir`` into a model folder (safetensors + card)."""
+    from .model_io import save_model
+    from .phantom import GENERATOR_VERSION
+
+    run_dir = Path(run_dir)
+    cfg = CascadeConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    state, steps = {}, {}
+    for part in ("stage1", "stage2", "classifier"):
+        ckpt = run_dir / f"{part}.ckpt"
+        if not ckpt.exists():
+            if part == "classifier":  # untrained head: pixel evidence only would be a different model
+                head = LesionClassifierHead(cfg.stage2.features)
+                state.update({f"classifier.{k}": v for k, v in head.state_dict().items()})
+                continue
+            raise FileNotFoundError(f"{ckpt} is missing: train {part} first")
+        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state.update({f"{part}.{k}": v for k, v in payload["model"].items()})
+        steps[part] = int(payload.get("step", 0))
+    card = {"name": "LiverLesionAI cascade", "architecture": cfg.to_dict(), "generator_version": GENERATOR_VERSION,
+            "seeds": {"train_base": TRAIN_SEED_BASE, "validation_base": VALIDATION_SEED_BASE,
+                      "test_base": TEST_SEED_BASE},
+            "training_steps": steps}
+    card.update(card_extra or {})
+    return save_model(model_dir, state, card)

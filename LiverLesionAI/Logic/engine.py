@@ -170,12 +170,13 @@ class LiverLesionEngine:
             inst_c[slices] = inst_in
         liver_mask = canon.to_input(liver_c)
         instances = canon.to_input(inst_c)
-        instances, type_probs = _renumber_by_volume(instances, type_probs2)
+        voxel_mm3 = abs(np.linalg.det(ct.ijk_to_ras[:3, :3]))
+        instances, type_probs = _renumber_by_volume(instances, type_probs2, MIN_LESION_MM3 / voxel_mm3)
 
         progress(0.9, "Measuring lesions")
         records = build_lesion_records(ct.voxels, instances, ct.ijk_to_ras, type_probs)
-        voxel_ml = abs(np.linalg.det(ct.ijk_to_ras[:3, :3])) / 1000
-        liver_ml = float((liver_mask > 0).sum() + (instances > 0).sum()) * voxel_ml
+        liver_mask[(liver_mask == 0) & (canon.to_input(inst_c) > 0) & (instances == 0)] = 1  # dropped specks
+        liver_ml = float((liver_mask > 0).sum() + (instances > 0).sum()) * voxel_mm3 / 1000
         messages = list(warnings)
         if not records:
             messages.append("No liver lesions found.")
@@ -247,10 +248,11 @@ class LiverLesionEngine:
         return self._classify(x2, prior2, probs2, mask2, np.array([1]))[1]
 
 
-def _renumber_by_volume(instances, type_probs):
-    """Lesion ids 1..n by decreasing volume (id 1 = largest), dropping lesions lost in resampling."""
+def _renumber_by_volume(instances, type_probs, min_voxels):
+    """Lesion ids 1..n by decreasing volume (id 1 = largest), dropping lesions that shrank below the
+    reportable size when mapped to the input grid."""
     counts = np.bincount(instances.ravel())
-    ids = [i for i in np.argsort(-counts, kind="stable") if i > 0 and counts[i] > 0]
+    ids = [i for i in np.argsort(-counts, kind="stable") if i > 0 and counts[i] >= max(min_voxels, 1)]
     remap = np.zeros(len(counts), np.uint16)
     new_probs = {}
     for new_id, old_id in enumerate(ids, start=1):

@@ -10,6 +10,7 @@ from typing import Iterable
 import numpy as np
 
 from .lesions import lesion_axes_mm
+from .errors import InputError
 from .records import LESION_TYPES
 
 # Detection rule: IoU >= 0.1, or a prediction covering >= 50% of a small GT lesion (small lesions get
@@ -19,7 +20,7 @@ MIN_SMALL_COVERAGE = 0.5
 SIZE_BINS = ("<10mm", "10-20mm", ">20mm")  # by longest axial diameter
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(InputError):
     """Prediction and ground truth cannot be compared (missing arrays, different sizes)."""
 
 

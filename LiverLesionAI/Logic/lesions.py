@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from .errors import InputError
 from .records import LESION_TYPES, LesionRecord
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected lesions
@@ -25,7 +26,7 @@ _DIRECTIONS = np.stack([np.cos(_ANGLES), np.sin(_ANGLES)], axis=1)  # (n, 2)
 _MAX_OBLIQUE_GRID_SIDE = 400
 
 
-class LesionGeometryError(ValueError):
+class LesionGeometryError(InputError):
     """The lesion map or its geometry cannot be measured (wrong shape, degenerate matrix)."""
 
 

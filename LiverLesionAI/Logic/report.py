@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from .errors import OutputError
 from .records import (
     LESION_TYPE_COLORS,
     LESION_TYPES,
@@ -43,7 +44,7 @@ WINDOW_LEVEL_HU = (400.0, 40.0)  # abdominal soft-tissue window
 AIR_HU = -1024.0
 
 
-class ReportWriteError(RuntimeError):
+class ReportWriteError(OutputError):
     """A report file cannot be written (it already exists, or its folder is missing)."""
 
 

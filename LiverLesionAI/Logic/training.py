@@ -375,3 +375,51 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None):
             "training_steps": steps}
     card.update(card_extra or {})
     return save_model(model_dir, state, card)
+
+
+def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=1200, device="auto", threads=None,
+                test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None):
+    """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, evaluate on
+    the held-out phantom test set (and optionally a real case), and write the model with its card."""
+    import shutil
+    import tempfile
+
+    from .cli import evaluate_model_or_predictions
+    from .datasets import write_phantom_case
+
+    run_dir, model_out = Path(run_dir), Path(model_out)
+    if model_out.exists():
+        raise FileExistsError(f"{model_out} exists; LiverLesionAI never overwrites a model.")
+    train_stage("stage1", run_dir, steps1, device, threads, log)
+    train_stage("stage2", run_dir, steps2, device, threads, log)
+    if not (run_dir / "classifier.ckpt").exists():
+        train_stage("classifier", run_dir, 0, device, threads, log, classifier_lesions=classifier_lesions)
+    test_dir = run_dir / "phantom_testset"
+    test_dir.mkdir(exist_ok=True)
+    for seed in test_seeds:
+        if not (test_dir / f"phantom_{seed:05d}").exists():
+            write_phantom_case(test_dir / f"phantom_{seed:05d}", TEST_SEED_BASE + seed, max_in_plane=test_max_in_plane)
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=model_out.parent))
+    try:
+        assemble_model(run_dir, staging / "m", {"version": version})
+        metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging / "m", test_dir, device,
+                                                                               threads, log))}
+        metrics["phantom_test"]["seeds"] = [TEST_SEED_BASE + s for s in test_seeds]
+        if real_case:
+            metrics["real_case"] = _card_metrics(evaluate_model_or_predictions(staging / "m", real_case, device,
+                                                                               threads, log))
+        info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
+        return assemble_model(run_dir, model_out, {"version": version, "metrics": metrics,
+                                                   "classifier": info, "hyperparameters": {
+                                                       "batch": 16, "lr": 2e-3, "optimizer": "AdamW",
+                                                       "loss": "Dice + inverse-lesion-size weighted CE",
+                                                       "steps": {"stage1": steps1, "stage2": steps2},
+                                                       "classifier_lesions": classifier_lesions}})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _card_metrics(summary):
+    keep = ("mean_liver_dice", "global_lesion_dice", "detection", "detection_by_size", "type_accuracy",
+            "type_confusion", "n_cases")
+    return {k: summary[k] for k in keep if k in summary}

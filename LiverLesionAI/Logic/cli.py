@@ -1,0 +1,349 @@
+"""``liverlesionai`` command line: the same engine as the Slicer module, for batch users.
+
+Exit codes: 0 success, 2 bad input, 3 output problem, 4 model problem, 130 interrupted, 1 other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import InputError, LiverLesionAIError, ModelFileError, OutputError
+
+EXIT_INPUT, EXIT_OUTPUT, EXIT_MODEL = 2, 3, 4
+CASE_OUTPUTS = (".seg.nrrd", ".lesions.csv", ".lesions.json", ".overview.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# segment
+# ----------------------------------------------------------------------------------------------
+def _expand_inputs(inputs):
+    """Files, DICOM folders, or folders of image files -> list of readable inputs."""
+    from .volume_io import READABLE_EXTENSIONS, split_extension
+
+    found = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise InputError(f"{item} does not exist.")
+        if item.is_dir():
+            images = sorted(p for p in item.iterdir() if p.is_file() and split_extension(p)[1] in READABLE_EXTENSIONS)
+            found.extend(images if images else [item])  # no image files: a DICOM series folder
+        else:
+            found.append(item)
+    return found
+
+
+GENERIC_STEMS = {"image", "ct", "volume", "img", "scan"}
+
+
+def case_name(path: Path) -> str:
+    """File stem, or the folder's name for DICOM folders and generic names like case_01/image.nii.gz."""
+    from .volume_io import split_extension
+
+    if not path.is_file():
+        return path.name
+    stem = split_extension(path)[0]
+    return path.resolve().parent.name if stem.lower() in GENERIC_STEMS else stem
+
+
+def write_case_outputs(outdir: Path, name: str, ct, result, extra=None):
+    """All four outputs of a case, or none: written in a private temp folder, then moved in place."""
+    from .report import render_overview_png, write_lesions_csv, write_lesions_json
+    from .segfile import write_seg_nrrd
+
+    targets = [outdir / f"{name}{suffix}" for suffix in CASE_OUTPUTS]
+    existing = [t.name for t in targets if t.exists()]
+    if existing:
+        raise OutputError(f"{outdir} already holds {', '.join(existing)}; choose another output folder "
+                          "(LiverLesionAI never overwrites results).")
+    staging = Path(tempfile.mkdtemp(prefix=".liverlesionai-", dir=outdir))
+    moved = []
+    try:
+        staged = [staging / t.name for t in targets]
+        write_seg_nrrd(staged[0], result)
+        write_lesions_csv(staged[1], result.lesions)
+        write_lesions_json(staged[2], result, extra)
+        render_overview_png(staged[3], ct.voxels, ct.ijk_to_ras, result, case_name=name)
+        for src, dst in zip(staged, targets):
+            os.link(src, dst)  # fails instead of replacing a file that appeared meanwhile
+            moved.append(dst)
+    except BaseException:
+        for dst in moved:
+            dst.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
+
+
+def _check_outdir(outdir: Path):
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"Cannot create the output folder {outdir}: {e.strerror}.") from None
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise OutputError(f"The output folder {outdir} is not writable.")
+
+
+def cmd_segment(args):
+    from .engine import LiverLesionEngine
+    from .report import format_lesion_table
+    from .volume_io import read_ct
+
+    outdir = Path(args.output)
+    inputs = _expand_inputs(args.inputs)
+    _check_outdir(outdir)
+    engine = LiverLesionEngine(args.model, device=args.device, threads=args.threads)
+    emit = _progress_emitter(args.progress_json, len(inputs))
+    failures = 0
+    for n, path in enumerate(inputs):
+        name = case_name(path)
+        try:
+            clashes = [f"{name}{s}" for s in CASE_OUTPUTS if (outdir / f"{name}{s}").exists()]
+            if clashes:
+                raise OutputError(f"{outdir} already holds {', '.join(clashes)}; choose another output folder "
+                                  "(LiverLesionAI never overwrites results).")
+            emit(n, 0.0, f"Reading {path.name}")
+            ct = read_ct(path, series_uid=args.series_uid)
+            started = time.perf_counter()
+            result = engine.segment(ct, progress=lambda f, m: emit(n, 0.05 + 0.85 * f, m), force=args.force)
+            seconds = time.perf_counter() - started
+            emit(n, 0.92, "Writing results")
+            files = write_case_outputs(outdir, name, ct, result,
+                                       {"case": name, "input": path.name, "seconds": round(seconds, 2),
+                                        "device": str(engine.device)})
+            emit(n, 1.0, "Done")
+        except InputError as e:
+            if len(inputs) == 1:
+                raise
+            failures += 1
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        out = sys.stderr if args.progress_json else sys.stdout
+        print(f"\n{name}: liver {result.liver_volume_ml:.0f} mL, {len(result.lesions)} lesion(s), "
+              f"{seconds:.1f} s on {engine.device}", file=out)
+        for message in result.messages:
+            print(f"  {message}", file=out)
+        if result.lesions:
+            print(format_lesion_table(result.lesions), file=out)
+        print("  wrote " + ", ".join(str(f) for f in files), file=out)
+    return EXIT_INPUT if failures else 0
+
+
+def _progress_emitter(as_json, n_cases):
+    if as_json:
+        def emit(case, fraction, message):
+            print(json.dumps({"progress": round((case + fraction) / n_cases, 4), "message": message}), flush=True)
+        return emit
+    from tqdm import tqdm
+
+    bar = tqdm(total=100 * n_cases, bar_format="{l_bar}{bar}| {elapsed}", file=sys.stderr, leave=False)
+
+    def emit(case, fraction, message):
+        bar.n = int(100 * (case + fraction))
+        bar.set_description_str(message[:40])
+        bar.refresh()
+        if case + fraction >= n_cases:
+            bar.close()
+    return emit
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------
+def evaluate_model_or_predictions(source, dataset_dir, device="auto", threads=None, log=print):
+    """Evaluate a model folder (runs the engine) or a folder of <case>.seg.nrrd predictions."""
+    from .datasets import find_cases
+    from .evaluation import aggregate, evaluate_case
+    from .segfile import read_seg_nrrd
+
+    source = Path(source)
+    cases = find_cases(dataset_dir)
+    engine = None
+    if (source / "model_card.json").exists():
+        from .engine import LiverLesionEngine
+        engine = LiverLesionEngine(source, device=device, threads=threads)
+    elif not source.is_dir():
+        raise InputError(f"{source} is neither a model folder nor a folder of .seg.nrrd predictions.")
+    results = []
+    for case in cases:
+        truth = case.load_truth()
+        ct = case.load_image()
+        started = time.perf_counter()
+        if engine is not None:
+            pred = engine.segment(ct)
+        else:
+            seg = source / f"{case.case_id}.seg.nrrd"
+            if not seg.exists():
+                raise InputError(f"No prediction {seg.name} in {source} for case {case.case_id}.")
+            pred = read_seg_nrrd(seg)
+        seconds = time.perf_counter() - started
+        pred_case = {"liver_mask": pred.liver_mask, "lesion_instances": pred.lesion_instances,
+                     "lesion_types": {r.lesion_id: r.lesion_type for r in pred.lesions}}
+        metrics = evaluate_case(pred_case, truth, ct.ijk_to_ras, case_id=case.case_id)
+        metrics["seconds"] = round(seconds, 2)
+        results.append(metrics)
+        det = metrics["detection"]
+        log(f"{case.case_id}: liver Dice {metrics['liver_dice']:.3f}, lesion Dice {metrics['lesion_dice']:.3f}, "
+            f"lesions TP {det['tp']} FP {det['fp']} FN {det['fn']} ({seconds:.1f} s)")
+    summary = aggregate(results)
+    if engine is not None:
+        summary["model_version"] = engine.version
+    return summary
+
+
+def _summary_lines(summary):
+    det = summary.get("detection", {})
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"mean liver Dice {fmt(summary.get('mean_liver_dice'))}, global lesion Dice "
+             f"{fmt(summary.get('global_lesion_dice'))}",
+             f"detection recall {fmt(det.get('recall'))}, precision {fmt(det.get('precision'))}, "
+             f"F1 {fmt(det.get('f1'))}",
+             f"type accuracy {fmt(summary.get('type_accuracy'))}"]
+    for size, rates in summary.get("detection_by_size", {}).items():
+        lines.append(f"  {size:>8}: recall {fmt(rates.get('recall'))}, precision {fmt(rates.get('precision'))}")
+    return lines
+
+
+def cmd_evaluate(args):
+    summary = evaluate_model_or_predictions(args.source, args.dataset, args.device, args.threads)
+    for line in _summary_lines(summary):
+        print(line)
+    text = json.dumps(summary, indent=1)
+    if args.json:
+        from .volume_io import write_file_atomically
+        write_file_atomically(args.json, lambda tmp: Path(tmp).write_text(text))
+    else:
+        print(text)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# phantoms, training, demo
+# ----------------------------------------------------------------------------------------------
+def _seed_range(text):
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def cmd_phantoms(args):
+    from .datasets import write_phantom_case
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in _seed_range(args.seeds):
+        folder = write_phantom_case(out / f"phantom_{seed:05d}", seed, max_in_plane=args.max_in_plane)
+        print(f"wrote {folder}")
+    return 0
+
+
+def cmd_train(args):
+    from .training import build_model
+
+    build_model(args.run_dir, args.model_out, steps1=args.steps1, steps2=args.steps2,
+                classifier_lesions=args.classifier_lesions, device=args.device, threads=args.threads,
+                test_seeds=_seed_range(args.test_seeds), real_case=args.real_case, version=args.version)
+    return 0
+
+
+def cmd_demo(args):
+    from .datasets import write_phantom_case
+
+    out = Path(args.output)
+    _check_outdir(out)
+    case = out / f"phantom_{args.seed:05d}"
+    if not case.exists():
+        write_phantom_case(case, args.seed, max_in_plane=args.max_in_plane)
+    ns = argparse.Namespace(inputs=[str(case / "image.nii.gz")], output=str(out), model=args.model,
+                            device=args.device, threads=args.threads, progress_json=False, series_uid=None,
+                            force=False)
+    return cmd_segment(ns)
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(prog="liverlesionai", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def engine_options(sp):
+        sp.add_argument("--model", help="model folder (default: the active model of the registry)")
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+
+    s = sub.add_parser("segment", help="segment liver and lesions, type each lesion")
+    s.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of files")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")
+    s.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
+    s.add_argument("--force", action="store_true", help="run on volumes that do not look like CT in HU")
+    engine_options(s)
+    s.set_defaults(func=cmd_segment)
+
+    e = sub.add_parser("evaluate", help="Dice, detection and type accuracy against references")
+    e.add_argument("source", help="model folder, or folder of <case>.seg.nrrd predictions")
+    e.add_argument("dataset", help="folder of cases (image.nii.gz + label.nii.gz)")
+    e.add_argument("--json", help="write the metrics JSON here (default: print)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(func=cmd_evaluate)
+
+    ph = sub.add_parser("phantoms", help="write phantom CT cases with ground truth")
+    ph.add_argument("output")
+    ph.add_argument("--seeds", default="0-19", help="e.g. 0-19 or 3,5,8")
+    ph.add_argument("--max-in-plane", type=int, default=None, help="cap the matrix size (e.g. 256)")
+    ph.set_defaults(func=cmd_phantoms)
+
+    t = sub.add_parser("train", help="train the cascade from scratch on phantoms (resumable)")
+    t.add_argument("run_dir", help="checkpoints go here; rerun to resume")
+    t.add_argument("model_out", help="new model folder to create")
+    t.add_argument("--steps1", type=int, default=2000)
+    t.add_argument("--steps2", type=int, default=1500)
+    t.add_argument("--classifier-lesions", type=int, default=1200)
+    t.add_argument("--test-seeds", default="0-19", help="held-out phantom seeds for the model card metrics")
+    t.add_argument("--real-case", default=None, help="optional real case folder evaluated for the card")
+    t.add_argument("--version", default="1.0.0")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="generate a phantom CT and segment it")
+    d.add_argument("--output", default="outputs/demo")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--max-in-plane", type=int, default=None)
+    engine_options(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_OUTPUT
+    except ModelFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_MODEL
+    except LiverLesionAIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -130,10 +130,17 @@ class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rejectButton.connect("clicked(bool)", lambda: self.onReview(mrml.set_review_status, "rejected"))
         self.ui.undoReviewButton.connect("clicked(bool)", lambda: self.onReview(mrml.undo_review_status))
         self.ui.classifyButton.connect("clicked(bool)", self.onClassify)
+        self.ui.finetuneProgressBar.hide()
+        self.ui.exportButton.connect("clicked(bool)", self.onExportCase)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.finetuneCancelButton.connect("clicked(bool)", self.logic.cancelFinetune)
+        self.ui.activateButton.connect("clicked(bool)", self.onActivateVersion)
+        self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
         self.initializeParameterNode()
 
     def cleanup(self):
         self.logic.cancel()
+        self.logic.cancelFinetune()
         self.removeObservers()
 
     def enter(self):
@@ -178,6 +185,75 @@ class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, text):
         if self._parameterNode and text:
             self._parameterNode.model = text
+        self.showVersionSummary(text)
+
+    # --- improving the model: export, fine-tune, choose the version in use ---------------------
+    def showVersionSummary(self, version):
+        """Before/after validation metrics of ``version``, with a warning when it is worse than its parent."""
+        if not version or not self.logic.torchAvailable():
+            self.ui.comparisonLabel.text = ""
+            return
+        from liverlesionai.finetune import version_summary
+        try:
+            text, worse = version_summary(version)
+        except Exception as error:  # a damaged card must not break the panel
+            text, worse = str(error), True
+        self.ui.comparisonLabel.text = (("WARNING: this version is worse than the one it was fine-tuned from "
+                                         "on some validation metric.\n") if worse and version != SHIPPED_VERSION
+                                        else "") + text
+        self.ui.comparisonLabel.setStyleSheet("color: #d55e00" if worse and version != SHIPPED_VERSION else "")
+
+    def refreshModelVersions(self, select=None):
+        current = select or self.ui.modelComboBox.currentText
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItems(self.logic.modelVersions())
+        self.ui.modelComboBox.setCurrentText(current)
+
+    def onExportCase(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not export the reviewed case."), waitCursor=True):
+            self.logic.ensureDependencies()
+            p = self._parameterNode
+            if not (p and p.inputVolume and p.segmentation):
+                raise ValueError(_("Choose the CT and its reviewed segmentation first."))
+            info = self.logic.exportCase(self.ui.datasetPathLineEdit.currentPath, p.inputVolume, p.segmentation)
+            self.ui.finetuneStatusLabel.text = _("Exported case {0} (revision {1}).").format(info.case_id, info.revision)
+
+    def onFinetune(self):
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
+            self.logic.ensureDependencies()
+            self.logic.startFinetune(self.ui.datasetPathLineEdit.currentPath, self._parameterNode.device,
+                                     self.onFinetuneProgress, self.onFinetuneFinished)
+            self.ui.finetuneProgressBar.show()
+            self.ui.finetuneButton.enabled, self.ui.finetuneCancelButton.enabled = False, True
+
+    def onFinetuneProgress(self, fraction, message):
+        self.ui.finetuneProgressBar.value = int(round(100 * fraction))
+        self.ui.finetuneStatusLabel.text = message
+
+    def onFinetuneFinished(self, version, message):
+        self.ui.finetuneProgressBar.hide()
+        self.ui.finetuneButton.enabled, self.ui.finetuneCancelButton.enabled = True, False
+        self.ui.finetuneStatusLabel.text = message
+        if version:
+            self.refreshModelVersions(select=version)  # shows its before/after metrics; not active yet
+
+    def onActivateVersion(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not switch the model version.")):
+            version = self.ui.modelComboBox.currentText
+            from liverlesionai.finetune import activate_version, version_summary
+            _text, worse = version_summary(version)
+            if worse and not slicer.util.confirmYesNoDisplay(
+                    _("Version {0} is worse than its parent on some validation metric. Use it anyway?").format(version)):
+                return
+            activate_version(version)
+            self.ui.finetuneStatusLabel.text = _("Model in use: {0}").format(version)
+
+    def onRollback(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not roll back the model version.")):
+            from liverlesionai.finetune import rollback_version
+            version = rollback_version()
+            self.refreshModelVersions(select=version)
+            self.ui.finetuneStatusLabel.text = _("Model in use: {0}").format(version)
 
     def onApply(self):
         with slicer.util.tryWithErrorDisplay(_("Segment & Classify could not start."), waitCursor=True):
@@ -257,6 +333,7 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
         self._process = None
         self._workDir = None
         self._engines = {}
+        self._finetuneProcess = None
 
     def getParameterNode(self):
         return LiverLesionAIParameterNode(super().getParameterNode())
@@ -357,6 +434,69 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
         if self._process is not None:
             self._process.setProperty("cancelled", True)
             self._process.kill()
+
+    def torchAvailable(self):
+        return importlib.util.find_spec("torch") is not None
+
+    def exportCase(self, datasetDir, volumeNode, segNode):
+        from liverlesionai.finetune import export_reviewed_case
+        if not datasetDir:
+            raise ValueError(_("Choose a training data folder first."))
+        workDir = tempfile.mkdtemp(prefix="LiverLesionAI-export-")
+        try:
+            return export_reviewed_case(datasetDir, volumeNode, segNode, workDir)
+        finally:
+            shutil.rmtree(workDir, ignore_errors=True)
+
+    def startFinetune(self, datasetDir, device, onProgress, onFinished):
+        """Fine-tune in a background process; onFinished(new version or None, message). Cancel kills it:
+        the new version is saved atomically at the very end, so a kill leaves the models as they were."""
+        from liverlesionai.finetune import finetune_command
+        if self._finetuneProcess is not None:
+            raise RuntimeError(_("A fine-tuning is already running."))
+        if not datasetDir:
+            raise ValueError(_("Choose a training data folder first."))
+        args = finetune_command(datasetDir, device=device)
+        self._finetuneProcess = process = qt.QProcess()
+        process.setProcessChannelMode(qt.QProcess.SeparateChannels)
+        state = {"pending": "", "version": None, "output": []}
+
+        def readOutput():
+            text = state["pending"] + process.readAllStandardOutput().data().decode("utf-8", "replace")
+            *lines, state["pending"] = text.split("\n")
+            for line in lines:
+                progress = slicer_worker.parse_progress_line(line)
+                if progress:
+                    onProgress(*progress)
+                    if progress[1].startswith("Saved v"):
+                        state["version"] = progress[1].split()[1]
+
+        def readErrors():
+            state["output"].extend(process.readAllStandardError().data().decode("utf-8", "replace").splitlines())
+
+        def finished(exitCode, exitStatus):
+            readOutput()
+            readErrors()
+            version, message = None, _("Cancelled: no new model version was saved.")
+            if not process.property("cancelled"):
+                if exitStatus == qt.QProcess.NormalExit and exitCode == 0 and state["version"]:
+                    version = state["version"]
+                    message = _("New version {0} saved. Compare it below and choose whether to use it.").format(version)
+                else:
+                    message = _("Fine-tuning failed: {0}").format("\n".join(state["output"][-8:]))
+                    logging.error(message)
+            self._finetuneProcess = None
+            onFinished(version, message)
+
+        process.connect("readyReadStandardOutput()", readOutput)
+        process.connect("readyReadStandardError()", readErrors)
+        process.connect("finished(int,QProcess::ExitStatus)", finished)
+        process.start(args[0], args[1:])
+
+    def cancelFinetune(self):
+        if self._finetuneProcess is not None:
+            self._finetuneProcess.setProperty("cancelled", True)
+            self._finetuneProcess.kill()
 
 
 class LiverLesionAITest(ScriptedLoadableModuleTest):

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +53,7 @@ def case_name(path: Path) -> str:
 
 def write_case_outputs(outdir: Path, name: str, ct, result, extra=None):
     """All four outputs of a case, or none: written in a private temp folder, then moved in place."""
+    from .model_io import crash_point, temp_sibling
     from .report import render_overview_png, write_lesions_csv, write_lesions_json
     from .segfile import write_seg_nrrd
 
@@ -62,24 +62,57 @@ def write_case_outputs(outdir: Path, name: str, ct, result, extra=None):
     if existing:
         raise OutputError(f"{outdir} already holds {', '.join(existing)}; choose another output folder "
                           "(LiverLesionAI never overwrites results).")
-    staging = Path(tempfile.mkdtemp(prefix=".liverlesionai-", dir=outdir))
+    staging = temp_sibling(outdir / name)  # carries our pid: recover_interrupted_outputs tells dead runs
     moved = []
     try:
+        staging.mkdir()
         staged = [staging / t.name for t in targets]
         write_seg_nrrd(staged[0], result)
+        crash_point("segment:writing")
         write_lesions_csv(staged[1], result.lesions)
         write_lesions_json(staged[2], result, extra)
         render_overview_png(staged[3], ct.voxels, ct.ijk_to_ras, result, case_name=name)
+        crash_point("segment:staged")
         for src, dst in zip(staged, targets):
             os.link(src, dst)  # fails instead of replacing a file that appeared meanwhile
             moved.append(dst)
-    except BaseException:
+            crash_point("segment:linking" if len(moved) == 1 else f"segment:linked_{len(moved)}")
+    except BaseException as error:
         for dst in moved:
             dst.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # disk full, permissions, a file that appeared meanwhile
+            raise OutputError(f"Cannot write the results of {name} to {outdir}: {error.strerror or error}; "
+                              "nothing was written.") from None
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return targets
+
+
+def recover_interrupted_outputs(outdir: Path) -> list[Path]:
+    """Undo what a killed ``write_case_outputs`` left in ``outdir``; returns the output files removed.
+
+    Its staging folder still holds all four staged files until the outputs are complete; if only
+    some of them were linked into place, those links (same inode, so never a user's file) are
+    removed: a case has all four outputs or none. A staging folder whose writer is alive is left alone.
+    """
+    from .model_io import is_stale_temp
+
+    removed = []
+    for staging in Path(outdir).iterdir():
+        if not (staging.is_dir() and is_stale_temp(staging)):
+            continue
+        staged = {p.name: p for p in staging.iterdir()}
+        names = {n for n in staged if any(n.endswith(s) for s in CASE_OUTPUTS)}
+        cases = {n[: -len(s)] for n in names for s in CASE_OUTPUTS if n.endswith(s)}
+        if len(cases) == 1 and len(names) == len(CASE_OUTPUTS):  # staging complete, linking may be partial
+            linked = [outdir / n for n in names if (outdir / n).exists() and os.path.samefile(staged[n], outdir / n)]
+            if len(linked) < len(CASE_OUTPUTS):
+                for target in linked:
+                    target.unlink()
+                    removed.append(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return removed
 
 
 def _check_outdir(outdir: Path):
@@ -87,8 +120,14 @@ def _check_outdir(outdir: Path):
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"Cannot create the output folder {outdir}: {e.strerror}.") from None
-    if not os.access(outdir, os.W_OK | os.X_OK):
-        raise OutputError(f"The output folder {outdir} is not writable.")
+    from .model_io import temp_sibling
+
+    probe = temp_sibling(outdir / "write-test")
+    try:  # os.access says yes to root even where writing fails (read-only or immutable folder)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError:
+        raise OutputError(f"The output folder {outdir} is not writable.") from None
 
 
 def cmd_segment(args):
@@ -99,6 +138,8 @@ def cmd_segment(args):
     outdir = Path(args.output)
     inputs = _expand_inputs(args.inputs)
     _check_outdir(outdir)
+    for path in recover_interrupted_outputs(outdir):
+        print(f"removed {path.name}: left incomplete by an interrupted run", file=sys.stderr)
     engine = LiverLesionEngine(args.model, device=args.device, threads=args.threads)
     emit = _progress_emitter(args.progress_json, len(inputs))
     failures = 0
@@ -320,6 +361,7 @@ def build_parser():
     d.add_argument("--max-in-plane", type=int, default=None)
     engine_options(d)
     d.set_defaults(func=cmd_demo)
+    from .finetune import add_cli; add_cli(sub)  # noqa: E702  finetune, export, models
     return p
 
 

@@ -8,12 +8,15 @@ convention of ../shared/data/ircadb-01 is assumed (1 liver, 2 tumour, 3 cyst).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .lesions import label_lesions
 from .records import LESION_TYPES, CTVolume
 from .volume_io import read_ct, write_volume
@@ -66,10 +69,18 @@ def write_phantom_case(folder, seed, max_in_plane=None, domain=None):
     from .phantom import generate_phantom_ct
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=False)
+    if folder.exists():
+        raise OutputError(f"{folder} already exists; LiverLesionAI never overwrites a case.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
     ct, truth = generate_phantom_ct(seed, max_in_plane=max_in_plane, domain=domain)
-    write_volume(folder / "image.nii.gz", ct.voxels, ct.ijk_to_ras)
-    write_volume(folder / "label.nii.gz", truth.label_map, ct.ijk_to_ras)
-    write_volume(folder / "lesion_instances.nii.gz", truth.lesion_instances, ct.ijk_to_ras)
-    (folder / "labels.json").write_text(json.dumps(PHANTOM_LABELS, indent=1))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:  # a case folder appears complete or not at all
+        write_volume(staging / "image.nii.gz", ct.voxels, ct.ijk_to_ras)
+        write_volume(staging / "label.nii.gz", truth.label_map, ct.ijk_to_ras)
+        write_volume(staging / "lesion_instances.nii.gz", truth.lesion_instances, ct.ijk_to_ras)
+        (staging / "labels.json").write_text(json.dumps(PHANTOM_LABELS, indent=1))
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder

@@ -9,6 +9,7 @@ temperature. Probabilities are kept only inside the liver box and at float16.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .errors import ModelFileError
+from .errors import LiverLesionAIError, ModelFileError
 from .geometry import canonicalize, grid_bounds, resample_separable, sub_grid
 from .lesions import build_lesion_records
 from .model_io import load_model
@@ -79,24 +80,56 @@ class LiverLesionEngine:
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _predict_slabs(self, net, volume, prior=None, slices=None, batch=16):
-        """Softmax probabilities (classes, K, H, W) float16 of a 2.5D net over axial slabs."""
+    def _predict_slabs(self, net, volume, prior=None, slices=None, batch=16, notes=None):
+        """Softmax probabilities (classes, K, H, W) float16 of a 2.5D net over axial slabs.
+
+        Out of memory: empty the cache, halve the batch down to 1 slice, then finish on the CPU;
+        what happened is appended to ``notes`` (shown to the user), never a silent partial result.
+        """
         half = (net.config.in_channels - (prior is not None)) // 2
         nk = volume.shape[0]
         out = np.zeros((net.config.num_classes, *volume.shape), np.float16)
         out[0] = 1.0
         slices = np.arange(nk) if slices is None else slices
         padded = np.pad(volume, ((half, half), (0, 0), (0, 0)), mode="edge")
-        use_amp = self.device.type == "cuda"
-        for start in range(0, len(slices), batch):
-            ks = slices[start:start + batch]
-            x = np.stack([padded[k:k + 2 * half + 1] for k in ks])
-            if prior is not None:
-                x = np.concatenate([x, prior[ks][:, None]], axis=1)
-            xt = torch.from_numpy(x).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(xt)
-            out[:, ks] = logits.float().softmax(1).cpu().numpy().transpose(1, 0, 2, 3)
+        device, first_batch, start, on_cpu_fallback = self.device, batch, 0, False
+        try:
+            while start < len(slices):
+                ks = slices[start:start + batch]
+                x = np.stack([padded[k:k + 2 * half + 1] for k in ks])
+                if prior is not None:
+                    x = np.concatenate([x, prior[ks][:, None]], axis=1)
+                try:
+                    _raise_fake_oom()
+                    xt = torch.from_numpy(x).to(device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        probs = net(xt).float().softmax(1).cpu().numpy()
+                except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                    if not _is_out_of_memory(e):
+                        raise
+                    if batch == 1 and on_cpu_fallback:
+                        raise LiverLesionAIError("Out of memory even with 1 slice per batch on the CPU; close other "
+                                                 "programs or crop the CT to the abdomen.") from None
+                    xt = None
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    if batch > 1:
+                        batch //= 2
+                    else:
+                        device, on_cpu_fallback = torch.device("cpu"), True
+                        net.to(device)
+                    continue
+                out[:, ks] = probs.transpose(1, 0, 2, 3)
+                start += len(ks)
+        finally:
+            if device != self.device:
+                net.to(self.device)
+        if notes is not None and on_cpu_fallback:
+            notes.append(f"{self.device.type.upper()} out of memory even with 1 slice per batch: finished on the "
+                         "CPU (slower).")
+        elif notes is not None and batch < first_batch:
+            notes.append(f"{self.device.type.upper()} out of memory: retried with {batch} slice(s) per batch "
+                         f"instead of {first_batch}.")
         return out
 
     def _empty_result(self, ct, message, started):
@@ -117,13 +150,14 @@ class LiverLesionEngine:
         progress(0.1, "Finding the liver (stage 1)")
         g1 = canonical_grid(lo, hi, cfg.stage1_spacing, multiple=self.stage1.divisor)
         x1 = normalize_hu(resample_separable(canon.array, canon.grid, g1, 1, cval=-1024), cfg.hu_window)
-        liver_prob1 = self._predict_slabs(self.stage1, x1)[1].astype(np.float32)
+        notes = []  # e.g. out-of-memory retries, shown with the result
+        liver_prob1 = self._predict_slabs(self.stage1, x1, notes=notes)[1].astype(np.float32)
         liver1 = largest_component(liver_prob1 > 0.5)
         liver1_ml = liver1.sum() * np.prod(g1.spacing) / 1000
         if liver1_ml < MIN_LIVER_ML:
             result = self._empty_result(ct, "No liver found in this CT (is the upper abdomen in the field of view?).",
                                         started)
-            result.messages.extend(warnings)
+            result.messages.extend(warnings + notes)
             progress(1.0, "No liver found")
             return result
 
@@ -136,7 +170,7 @@ class LiverLesionEngine:
         x2 = normalize_hu(resample_separable(canon.array, canon.grid, g2, 1, cval=-1024), cfg.hu_window)
         prior2 = resample_separable(liver_prob1, g1, g2, 1, cval=0.0)
         active = np.nonzero(prior2.reshape(len(prior2), -1).max(1) > 0.05)[0]
-        probs2 = self._predict_slabs(self.stage2, x2, prior=prior2, slices=active)
+        probs2 = self._predict_slabs(self.stage2, x2, prior=prior2, slices=active, notes=notes)
         labels2 = probs2.argmax(0)
         near_liver = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / cfg.stage2_spacing[0])))
         liver_region = largest_component((labels2 >= 1) & near_liver)
@@ -177,7 +211,7 @@ class LiverLesionEngine:
         records = build_lesion_records(ct.voxels, instances, ct.ijk_to_ras, type_probs)
         liver_mask[(liver_mask == 0) & (canon.to_input(inst_c) > 0) & (instances == 0)] = 1  # dropped specks
         liver_ml = float((liver_mask > 0).sum() + (instances > 0).sum()) * voxel_mm3 / 1000
-        messages = list(warnings)
+        messages = list(warnings) + notes
         if not records:
             messages.append("No liver lesions found.")
         progress(1.0, f"Done: liver {liver_ml:.0f} mL, {len(records)} lesion(s)")
@@ -246,6 +280,21 @@ class LiverLesionEngine:
             mask2 = (resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0).astype(np.int32)
         probs2 = self._predict_slabs(self.stage2, x2, prior=prior2)
         return self._classify(x2, prior2, probs2, mask2, np.array([1]))[1]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+_FAKE_OOM_ENV = "LIVERLESIONAI_TEST_FAKE_OOM"  # test hook: the first N forward passes run out of memory
+_fake_oom_raised = 0
+
+
+def _raise_fake_oom():
+    global _fake_oom_raised
+    if _fake_oom_raised < int(os.environ.get(_FAKE_OOM_ENV, "0") or 0):
+        _fake_oom_raised += 1
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated by {_FAKE_OOM_ENV})")
 
 
 def _renumber_by_volume(instances, type_probs, min_voxels):

@@ -386,6 +386,7 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
 
     from .cli import evaluate_model_or_predictions
     from .datasets import write_phantom_case
+    from .errors import OutputError
 
     run_dir, model_out = Path(run_dir), Path(model_out)
     if model_out.exists():
@@ -398,7 +399,11 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
     test_dir.mkdir(exist_ok=True)
     for seed in test_seeds:
         if not (test_dir / f"phantom_{seed:05d}").exists():
-            write_phantom_case(test_dir / f"phantom_{seed:05d}", TEST_SEED_BASE + seed, max_in_plane=test_max_in_plane)
+            try:
+                write_phantom_case(test_dir / f"phantom_{seed:05d}", TEST_SEED_BASE + seed,
+                                   max_in_plane=test_max_in_plane)
+            except OutputError:
+                pass  # written meanwhile by another process: cases appear atomically
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=model_out.parent))
     try:
         assemble_model(run_dir, staging / "m", {"version": version})

@@ -1,0 +1,727 @@
+"""Fine-tuning on reviewed cases (an export dataset), into a new registry version that is never activated.
+
+What is trained (stage 1, the coarse liver finder, is kept as in the parent):
+* stage 2 (liver + per-pixel lesion type), hierarchically: phase A with the encoder frozen (decoder
+  trained), phase B with the deeper encoder stages unfrozen at a tenth of the learning rate;
+* the lesion classifier head, re-fitted on features of the exported lesions (seen through the
+  fine-tuned stage-2 encoder), starting from the parent's head and mixed with original-domain
+  phantom lesions so it does not forget the domain it was trained on.
+Stage-2 batches mix exported cases (crops centred on lesions most of the time, random view, small
+shifts, intensity augmentation, no flips: orientation is canonical) with a share of original-domain
+phantom batches ("replay"), for the same reason. The loss is training.dice_ce_loss with
+training.lesion_pixel_weights (inverse lesion size).
+
+Validation: some exported cases (at least one, chosen by case id, deterministic) are held out; after
+each epoch the real engine segments them and early stopping keeps the epoch with the best lesion
+Dice. The card stores the parent's and the new model's metrics on these same cases.
+
+Crash safety: nothing is written before the end; the version is written by registry.add_version
+(model_io.save_model: temp folder + atomic rename), so a cancel or kill -9 leaves the registry as it was.
+
+Several GPUs / machines: start under ``torchrun``; each rank samples from its own share of the
+training cases, gradients are averaged by DistributedDataParallel, rank 0 validates and saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from . import export as export_mod
+from .errors import InputError, LiverLesionAIError
+from .evaluation import aggregate, evaluate_case
+from .geometry import canonicalize, grid_bounds, resample_separable
+from .lesions import label_lesions
+from .model_io import load_model
+from .networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D
+from .preprocessing import VIEWS, canonical_grid, normalize_hu, to_view
+from .records import LESION_TYPES
+from .training import (
+    TRAIN_SEED_BASE, PhantomSource, _intensity_augment, _liver_prior, classifier_samples, dice_ce_loss,
+    lesion_pixel_weights, lesion_view_inputs, lesion_view_vectors, resolve_device, stage2_batch,
+)
+
+# Exported label values are the stage-2 classes: 0 outside, 1 liver, 2.. lesion types in LESION_TYPES order.
+assert [export_mod.LABELS[t] for t in LESION_TYPES] == [STAGE2_FIRST_LESION + i for i in range(len(LESION_TYPES))]
+assert export_mod.LABELS["liver"] == STAGE2_LIVER
+
+CROP_MARGIN_MM = 40.0  # context kept around the liver for crops
+REPLAY_SEED_BASE = TRAIN_SEED_BASE + 700_000  # original-domain phantoms for replay (not test/validation seeds)
+
+
+class FinetuneCancelled(LiverLesionAIError):
+    """The user cancelled the fine-tuning; nothing was written."""
+
+
+@dataclass
+class FinetuneSettings:
+    epochs_frozen: int = 3  # phase A: encoder frozen
+    epochs_unfrozen: int = 3  # phase B: deeper encoder stages unfrozen
+    steps_per_epoch: int = 25
+    batch: int = 8
+    crop: int = 96
+    lr: float = 1e-3
+    encoder_lr_factor: float = 0.1
+    unfreeze_from_stage: int = 2  # encoder stages >= this index train in phase B
+    lesion_crop_fraction: float = 0.7
+    replay_fraction: float = 0.25  # share of batches from original-domain phantoms
+    patience: int = 2  # epochs without validation improvement before stopping
+    validation_fraction: float = 0.2
+    classifier_epochs: int = 60
+    classifier_views_per_lesion: int = 6
+    classifier_replay_lesions: int = 60
+    seed: int = 0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    fraction: float
+    message: str
+    stage: str
+    epoch: int = 0
+    loss: float | None = None
+    val_dice: float | None = None
+    eta_s: float | None = None
+
+    def to_json(self) -> str:
+        d = {"progress": round(self.fraction, 4), "message": self.message, "stage": self.stage,
+             "epoch": self.epoch, "loss": None if self.loss is None else round(self.loss, 4),
+             "val_dice": None if self.val_dice is None else round(self.val_dice, 4),
+             "eta_s": None if self.eta_s is None else int(self.eta_s)}
+        return json.dumps(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exported cases on the stage-2 grid
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PreparedCase:
+    case_id: str
+    hu: np.ndarray  # canonical stage-2 grid around the liver, HU float32
+    label: np.ndarray  # same grid, uint8 stage-2 classes
+    instances: np.ndarray  # lesion instances (uint16), for inverse-size weights
+    lesion_voxels: np.ndarray  # (n, 3) indices of lesion voxels
+    lesion_types: dict = field(default_factory=dict)  # instance id -> type
+
+
+def split_cases(cases, validation_fraction=0.2):
+    """(train, validation) by a hash of the case id: the same dataset always splits the same way."""
+    if len(cases) < 2:
+        raise InputError(f"Fine-tuning needs at least 2 exported cases (one is held out for validation); "
+                         f"the dataset has {len(cases)}.")
+    ordered = sorted(cases, key=lambda c: hashlib.sha256(c.case_id.encode()).hexdigest())
+    n_val = min(len(cases) - 1, max(1, int(round(validation_fraction * len(cases)))))
+    return ordered[n_val:], ordered[:n_val]
+
+
+def prepare_case(case, cfg: CascadeConfig) -> PreparedCase:
+    """The exported CT and label resampled, like the engine's stage 2, onto a canonical grid at
+    stage-2 spacing around the liver."""
+    ct = case.load_image()
+    label = case.load_label()
+    if label.shape != ct.voxels.shape:
+        raise InputError(f"Training case {case.case_id}: label and image sizes differ.")
+    canon = canonicalize(ct.voxels, ct.ijk_to_ras)
+    canon_label = canonicalize(label, ct.ijk_to_ras).array
+    organ = np.argwhere(canon_label > 0)
+    if len(organ) == 0:
+        raise InputError(f"Training case {case.case_id} has no liver in its label; re-export it.")
+    (kmin, jmin, imin), (kmax, jmax, imax) = organ.min(0), organ.max(0)
+    corners = (canon.grid.ijk_to_ras @ np.array([[imin, jmin, kmin, 1.0], [imax, jmax, kmax, 1.0]]).T)[:3].T
+    lo, hi = grid_bounds(canon.grid)
+    roi_lo = np.maximum(corners.min(0) - CROP_MARGIN_MM, lo)
+    roi_hi = np.minimum(corners.max(0) + CROP_MARGIN_MM, hi)
+    g2 = canonical_grid(roi_lo, roi_hi, cfg.stage2_spacing)
+    hu = resample_separable(canon.array, canon.grid, g2, 1, cval=-1024)
+    lab = resample_separable(canon_label, canon.grid, g2, 0, cval=0, dtype=np.uint8)
+    instances, _ = label_lesions(lab >= STAGE2_FIRST_LESION)
+    types = {}
+    for lesion_id, sl in enumerate(ndimage.find_objects(instances), start=1):
+        if sl is None:
+            continue
+        values = lab[sl][instances[sl] == lesion_id]
+        types[lesion_id] = LESION_TYPES[int(np.bincount(values).argmax()) - STAGE2_FIRST_LESION]
+    return PreparedCase(case.case_id, hu, lab, instances, np.argwhere(instances > 0), types)
+
+
+def _crop(array, start, shape, cval):
+    """array[start:start+shape] with out-of-range parts filled with ``cval``."""
+    out = np.full(shape, cval, array.dtype)
+    src, dst = [], []
+    for s, n, size in zip(start, shape, array.shape):
+        a, b = max(s, 0), min(s + n, size)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def case_batch(cases, cfg: CascadeConfig, rng, settings: FinetuneSettings, per_block=2):
+    """Stage-2 (x, target, weights) from exported cases, shaped exactly like training.stage2_batch."""
+    half = (cfg.stage2.in_channels - 1) // 2
+    size = settings.crop
+    spacing = float(cfg.stage2_spacing[0])
+    xs, ys, ws = [], [], []
+    while len(xs) < settings.batch:
+        case = cases[rng.integers(len(cases))]
+        if len(case.lesion_voxels) and rng.random() < settings.lesion_crop_fraction:
+            center = case.lesion_voxels[rng.integers(len(case.lesion_voxels))] + rng.normal(0, 4, 3)
+        else:
+            organ_lo, organ_hi = np.zeros(3), np.array(case.label.shape) - 1
+            center = rng.uniform(organ_lo, organ_hi)
+        view = rng.choice(VIEWS, p=[0.5, 0.25, 0.25])
+        depth = 2 * half + per_block
+        shape = {"axial": (depth, size, size), "coronal": (size, depth, size), "sagittal": (size, size, depth)}[view]
+        start = [int(round(c - n / 2)) for c, n in zip(center, shape)]
+        hu = _crop(case.hu, start, shape, -1024.0)
+        lab = _crop(case.label, start, shape, 0)
+        inst = _crop(case.instances, start, shape, 0)
+        hu = _intensity_augment(hu, rng) + rng.normal(0, rng.uniform(0, 6), hu.shape).astype(np.float32)
+        prior = _liver_prior(lab > 0, rng, spacing)
+        x = to_view(normalize_hu(hu, cfg.hu_window), view)
+        prior, lab, inst = to_view(prior, view), to_view(lab, view), to_view(inst, view)
+        for c in range(half, half + per_block):
+            xs.append(np.concatenate([x[c - half:c + half + 1], prior[c:c + 1]]))
+            ys.append(lab[c].astype(np.int64))
+            ws.append(lesion_pixel_weights(inst[c]))
+    return (torch.from_numpy(np.stack(xs[:settings.batch])), torch.from_numpy(np.stack(ys[:settings.batch])),
+            torch.from_numpy(np.stack(ws[:settings.batch])))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation with the real engine
+# ----------------------------------------------------------------------------------------------
+def _truth_from_label(label):
+    instances, _ = label_lesions(label >= STAGE2_FIRST_LESION)
+    types = {}
+    for lesion_id, sl in enumerate(ndimage.find_objects(instances), start=1):
+        if sl is not None:
+            values = label[sl][instances[sl] == lesion_id]
+            types[lesion_id] = LESION_TYPES[int(np.bincount(values).argmax()) - STAGE2_FIRST_LESION]
+    return {"liver_mask": (label > 0).astype(np.uint8), "lesion_instances": instances, "lesion_types": types}
+
+
+def validation_metrics(engine, cases) -> dict:
+    """Engine output vs. the exported labels: lesion Dice (pooled), liver Dice, type accuracy, detection F1."""
+    results = []
+    for case in cases:
+        ct = case.load_image()
+        pred = engine.segment(ct)
+        pred_case = {"liver_mask": pred.liver_mask, "lesion_instances": pred.lesion_instances,
+                     "lesion_types": {r.lesion_id: r.lesion_type for r in pred.lesions}}
+        results.append(evaluate_case(pred_case, _truth_from_label(case.load_label()), ct.ijk_to_ras,
+                                     case_id=case.case_id))
+    s = aggregate(results)
+    out = {"lesion_dice": s["global_lesion_dice"], "liver_dice": s["mean_liver_dice"],
+           "detection_f1": s["detection"]["f1"], "type_accuracy": s["type_accuracy"]}
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def _selection_score(metrics):
+    """Early stopping on lesion Dice; liver Dice only breaks ties (few validation cases often tie at 0 or 1)."""
+    return metrics.get("lesion_dice", 0.0) + 0.01 * metrics.get("liver_dice", 0.0)
+
+
+def _engine_with(engine, stage2_state, head_state):
+    engine.stage2.load_state_dict(stage2_state)
+    engine.classifier.load_state_dict(head_state)
+    engine.stage2.eval()
+    engine.classifier.eval()
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier head
+# ----------------------------------------------------------------------------------------------
+def lesion_features(stage2, cfg, cases, rng, views_per_lesion, device):
+    """Classifier features of every exported lesion, a few jittered/intensity-augmented patches each."""
+    size = cfg.classifier_patch
+    half = (cfg.stage2.in_channels - 1) // 2
+    spacing = float(cfg.stage2_spacing[0])
+    features, labels = [], []
+    stage2.eval()
+    for case in cases:
+        centroids = ndimage.center_of_mass(np.ones_like(case.instances, np.uint8), case.instances,
+                                           list(case.lesion_types))
+        for (lesion_id, lesion_type), c in zip(case.lesion_types.items(), centroids):
+            for _ in range(views_per_lesion):
+                start = [int(round(v + rng.normal(0, 1.0))) - size // 2 for v in c]
+                mask = _crop(case.instances, start, (size,) * 3, 0) == lesion_id
+                r = size // 2
+                if not (mask[r].any() and mask[:, r].any() and mask[:, :, r].any()):
+                    continue
+                hu = _intensity_augment(_crop(case.hu, start, (size,) * 3, -1024.0), rng)
+                prior = _liver_prior(_crop(case.label, start, (size,) * 3, 0) > 0, rng, spacing)
+                inputs, masks = lesion_view_inputs(normalize_hu(hu, cfg.hu_window), prior, mask, half)
+                features.append(torch.cat(lesion_view_vectors(stage2, inputs, masks, device), dim=1).cpu())
+                labels.append(LESION_TYPES.index(lesion_type))
+    if not labels:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(features), torch.tensor(labels)
+
+
+def refit_head(head: LesionClassifierHead, features, labels, epochs, seed):
+    """Fine-tune the parent's head (its standardisation and temperature are kept)."""
+    head = copy.deepcopy(head)
+    if len(labels) == 0:
+        return head
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(head.mlp.parameters(), lr=3e-4, weight_decay=1e-3)
+    for _ in range(epochs):
+        head.train()
+        perm = torch.randperm(len(labels))
+        for start in range(0, len(perm), 32):
+            idx = perm[start:start + 32]
+            loss = F.cross_entropy(head.logits(features[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    return head
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------
+def _dist_setup(device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return rank, world, device
+
+
+def _broadcast_float(value, world, device):
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
+def _set_phase(net: UNet2p5D, phase: str, unfreeze_from: int):
+    """Freeze / unfreeze encoder stages; frozen stages also keep their BatchNorm statistics."""
+    for i, stage in enumerate(net.encoder.stages):
+        trainable = phase == "B" and i >= unfreeze_from
+        for p in stage.parameters():
+            p.requires_grad_(trainable)
+        stage.train(trainable)
+    net.decoder.train(True)
+    for p in net.decoder.parameters():
+        p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main entry
+# ----------------------------------------------------------------------------------------------
+def finetune(dataset_dir, registry, parent_version: str | None = None, settings: FinetuneSettings | None = None,
+             device="auto", progress: Callable[[Progress], None] | None = None,
+             cancel: Callable[[], bool] | None = None, log=lambda m: None, replay_domain=None) -> str | None:
+    """Fine-tune ``parent_version`` (default: the active one) on an export dataset; returns the new
+    version id (rank 0; other ranks return None). Raises FinetuneCancelled when cancelled."""
+    settings = settings or FinetuneSettings()
+    progress = progress or (lambda p: None)
+    cancel = cancel or (lambda: False)
+    device = resolve_device(device)
+    rank, world, device = _dist_setup(device)
+    is_main = rank == 0
+    started = time.time()
+
+    def report(fraction, message, stage, **kw):
+        if is_main:
+            progress(Progress(fraction, message, stage, **kw))
+
+    def check_cancel():
+        if cancel():
+            raise FinetuneCancelled("Fine-tuning cancelled; no model was saved and the active model is unchanged.")
+
+    dataset_dir = Path(dataset_dir)
+    parent_version = parent_version or registry.active_version()
+    parent_dir = registry.model_dir(parent_version)
+    report(0.0, "Reading the exported cases", "prepare")
+    manifest_sha = export_mod.manifest_sha256(dataset_dir)
+    cases = export_mod.load_dataset(dataset_dir)
+    train_cases, val_cases = split_cases(cases, settings.validation_fraction)
+    state, card = load_model(parent_dir)
+    cfg = CascadeConfig.from_dict(card["architecture"])
+    shard = train_cases[rank::world] or train_cases
+    prepared = []
+    for n, case in enumerate(shard):
+        check_cancel()
+        report(0.02 + 0.05 * n / len(shard), f"Preparing case {n + 1}/{len(shard)}", "prepare")
+        prepared.append(prepare_case(case, cfg))
+
+    def part(prefix):
+        return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+    net = UNet2p5D(cfg.stage2)
+    net.load_state_dict(part("stage2"))
+    net.to(device)
+    head = LesionClassifierHead(cfg.stage2.features)
+    head.load_state_dict(part("classifier"))
+
+    engine = None
+    parent_metrics, validation_seconds = {}, 0.0
+    if is_main:
+        from .engine import LiverLesionEngine
+
+        engine = LiverLesionEngine(parent_dir, device=str(device.type))
+        report(0.08, "Measuring the current model on the validation cases", "validate")
+        t0 = time.time()
+        parent_metrics = validation_metrics(engine, val_cases)
+        validation_seconds = time.time() - t0
+        log(f"parent {parent_version} validation: {parent_metrics}")
+    best_score = _broadcast_float(_selection_score(parent_metrics), world, device)
+    best_state, best_epoch = copy.deepcopy(net.state_dict()), 0
+
+    rng = np.random.default_rng(settings.seed * 1000 + rank)
+    torch.manual_seed(settings.seed * 1000 + rank)
+    replay = PhantomSource(REPLAY_SEED_BASE + 10_000 * rank, reuse=2, domain=replay_domain) \
+        if settings.replay_fraction > 0 else None
+    total_epochs = settings.epochs_frozen + settings.epochs_unfrozen
+    total_steps = total_epochs * settings.steps_per_epoch
+    step_done, epoch, bad_epochs, history = 0, 0, 0, []
+    train_seconds = 0.0
+
+    def eta(epochs_left):  # steps left + one validation per epoch left + the final one and the head re-fit
+        return (train_seconds / max(step_done, 1)) * (total_steps - step_done) + validation_seconds * (epochs_left + 2)
+    for phase, n_epochs in (("A", settings.epochs_frozen), ("B", settings.epochs_unfrozen)):
+        if n_epochs <= 0:
+            continue
+        bad_epochs = 0
+        if phase == "B":
+            net.load_state_dict(best_state)  # phase B continues from the best weights so far
+        _set_phase(net, phase, settings.unfreeze_from_stage)
+        groups = [{"params": [p for p in net.decoder.parameters()], "lr": settings.lr}]
+        enc = [p for p in net.encoder.parameters() if p.requires_grad]
+        if enc:
+            groups.append({"params": enc, "lr": settings.lr * settings.encoder_lr_factor})
+        model = net
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+        phase_steps = n_epochs * settings.steps_per_epoch
+        base_lrs = [g["lr"] for g in groups]
+        stage_name = "frozen encoder" if phase == "A" else "deeper encoder unfrozen"
+        for e in range(n_epochs):
+            epoch += 1
+            loss_sum = 0.0
+            for s in range(settings.steps_per_epoch):
+                check_cancel()
+                t0 = time.time()
+                k = e * settings.steps_per_epoch + s
+                for g, base in zip(optimizer.param_groups, base_lrs):  # cosine within the phase
+                    g["lr"] = base * 0.5 * (1 + math.cos(math.pi * k / phase_steps))
+                if replay is not None and rng.random() < settings.replay_fraction:
+                    batch = stage2_batch(replay, cfg, rng, settings.batch, settings.crop, per_block=2)
+                else:
+                    batch = case_batch(prepared, cfg, rng, settings)
+                batch = [b.to(device) for b in batch]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(batch[0])
+                loss = dice_ce_loss(logits.float(), *batch[1:])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item()
+                step_done += 1
+                train_seconds += time.time() - t0
+                report(0.1 + 0.75 * step_done / total_steps,
+                       f"Phase {phase} ({stage_name}), epoch {epoch}/{total_epochs}, loss {loss.item():.3f}",
+                       f"phase {phase}", epoch=epoch, loss=loss.item(), eta_s=eta(total_epochs - epoch + 1))
+            check_cancel()
+            val_dice = score = 0.0
+            if is_main:
+                net.eval()
+                report(0.1 + 0.75 * step_done / total_steps, f"Validating epoch {epoch}", "validate", epoch=epoch)
+                metrics = validation_metrics(_engine_with(engine, net.state_dict(), head.state_dict()), val_cases)
+                val_dice, score = metrics.get("lesion_dice", 0.0), _selection_score(metrics)
+                history.append({"epoch": epoch, "phase": phase, "loss": loss_sum / settings.steps_per_epoch,
+                                **metrics})
+                log(f"epoch {epoch} phase {phase}: loss {loss_sum / settings.steps_per_epoch:.4f} val {metrics}")
+            val_dice, score = _broadcast_float(val_dice, world, device), _broadcast_float(score, world, device)
+            _set_phase(net, phase, settings.unfreeze_from_stage)
+            report(0.1 + 0.75 * step_done / total_steps, f"Epoch {epoch}: validation lesion Dice {val_dice:.3f}",
+                   f"phase {phase}", epoch=epoch, loss=loss_sum / settings.steps_per_epoch, val_dice=val_dice,
+                   eta_s=eta(total_epochs - epoch))
+            if score > best_score + 1e-5:
+                best_score, best_state, best_epoch, bad_epochs = score, copy.deepcopy(net.state_dict()), epoch, 0
+            else:
+                bad_epochs += 1
+                if bad_epochs > settings.patience:
+                    log(f"early stop after epoch {epoch}")
+                    break
+    net.load_state_dict(best_state)
+    net.eval()
+
+    version = None
+    if is_main:
+        check_cancel()
+        report(0.87, "Re-fitting the lesion classifier", "classifier")
+        all_prepared = prepared if world == 1 else [prepare_case(c, cfg) for c in train_cases]
+        feats, labels = lesion_features(net, cfg, all_prepared, rng, settings.classifier_views_per_lesion, device)
+        if settings.classifier_replay_lesions and replay is not None and len(labels):
+            rf, rl = classifier_samples(net, cfg, replay, settings.classifier_replay_lesions, rng, device,
+                                        log=lambda m: None)
+            feats, labels = torch.cat([feats, rf]), torch.cat([labels, rl])
+        new_head = refit_head(head, feats, labels, settings.classifier_epochs, settings.seed)
+        check_cancel()
+        report(0.92, "Measuring the new model on the validation cases", "validate")
+        new_metrics = validation_metrics(_engine_with(engine, net.state_dict(), new_head.state_dict()), val_cases)
+        check_cancel()
+        new_state = dict(state)
+        new_state.update({f"stage2.{k}": v.detach().cpu() for k, v in net.state_dict().items()})
+        new_state.update({f"classifier.{k}": v.detach().cpu() for k, v in new_head.state_dict().items()})
+        new_card = {k: v for k, v in card.items() if k in ("name", "architecture", "generator_version", "seeds")}
+        new_card.update({
+            "dataset_manifest_sha256": manifest_sha,
+            "hyperparameters": {**settings.to_dict(), "device": str(device), "world_size": world,
+                                "best_epoch": best_epoch, "stage1": "kept from parent",
+                                "loss": "Dice + inverse-lesion-size weighted CE"},
+            "training_cases": [c.case_id for c in train_cases],
+            "validation": {"cases": [c.case_id for c in val_cases], "parent": parent_metrics, "new": new_metrics},
+            "finetune_history": history,
+        })
+        report(0.97, "Saving the new model version", "save")
+        version = registry.add_version(new_state, new_card, parent_version)
+        report(1.0, f"Saved {version} (not active: choose it to use it)", "done",
+               val_dice=new_metrics.get("lesion_dice"), eta_s=0)
+        log(f"saved {version} in {time.time() - started:.0f} s")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return version
+
+
+def export_phantom_case(dataset_dir, seed, domain=None, max_in_plane=None, model_version="phantom ground truth"):
+    """Export a phantom with its ground truth as the reviewed result (tests and the domain-shift benchmark)."""
+    from dataclasses import replace
+
+    from .lesions import build_lesion_records
+    from .phantom import generate_phantom_ct
+    from .records import SegmentationResult
+
+    ct, truth = generate_phantom_ct(seed, max_in_plane=max_in_plane, domain=domain)
+    probs = {i: {t: float(t == lesion_type) for t in LESION_TYPES} for i, lesion_type in truth.lesion_types.items()}
+    records = [replace(r, review_status="confirmed")
+               for r in build_lesion_records(ct.voxels, truth.lesion_instances, ct.ijk_to_ras, probs)]
+    liver = truth.liver_mask * (truth.lesion_instances == 0)
+    reviewed = SegmentationResult(liver.astype(np.uint8), truth.lesion_instances, records, ct.ijk_to_ras.copy(),
+                                  model_version=model_version)
+    return export_mod.export_case(dataset_dir, ct, reviewed, None, model_version)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (liverlesionai finetune / export / models)
+# ----------------------------------------------------------------------------------------------
+def _registry(args):
+    from .registry import ModelRegistry
+
+    return ModelRegistry(args.registry, getattr(args, "shipped_model", None))
+
+
+def _parent_version(registry, model):
+    """--model: a version id, or a folder that is one of the registry's versions."""
+    if not model:
+        return registry.active_version()
+    if not os.path.isdir(model):
+        registry.model_dir(model)  # clear error for an unknown version
+        return model
+    target = Path(model).resolve()
+    for info in registry.list_versions():
+        if info.model_dir.resolve() == target:
+            return info.version
+    raise InputError(f"{model} is not a version of the model registry {registry.root}; fine-tuning starts "
+                     f"from a registered version (see 'liverlesionai models list').")
+
+
+def cmd_finetune(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registry = _registry(args)
+    settings = FinetuneSettings()
+    if args.epochs:
+        settings.epochs_frozen = max(1, args.epochs // 2)
+        settings.epochs_unfrozen = max(0, args.epochs - settings.epochs_frozen)
+    for name in ("steps_per_epoch", "batch", "crop", "seed"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(settings, name, value)
+    if args.no_replay:
+        settings.replay_fraction, settings.classifier_replay_lesions = 0.0, 0
+    if args.progress_json:
+        def progress(p):
+            print(p.to_json(), flush=True)
+    else:
+        def progress(p):
+            eta = f", {p.eta_s:.0f} s left" if p.eta_s else ""
+            print(f"[{p.stage}] {p.message}{eta}", file=sys.stderr, flush=True)
+    version = finetune(args.dataset, registry, _parent_version(registry, args.model), settings, args.device,
+                       progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if version:
+        print(_comparison_text(registry, version), file=sys.stderr if args.progress_json else sys.stdout)
+    return 0
+
+
+def _comparison_text(registry, version):
+    c = registry.compare(version)
+    lines = [f"{version} (parent {c.parent_version})" + ("" if c.same_cases else " [different cases]")]
+    for m in sorted(set(c.parent_metrics) | set(c.new_metrics)):
+        before, after = c.parent_metrics.get(m), c.new_metrics.get(m)
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        flag = "  WORSE" if m in c.worse_metrics else ""
+        lines.append(f"  {m:<15} {fmt(before)} -> {fmt(after)}{flag}")
+    if c.worse:
+        lines.append("Warning: the new version is worse than its parent on some validation metric.")
+    lines.append(f"Not active. Use it with: liverlesionai models activate {version}")
+    return "\n".join(lines)
+
+
+def cmd_export(args):
+    info = export_mod.export_case_from_files(args.dataset, args.ct, args.seg, args.proposed, args.model_version)
+    print(f"exported case {info.case_id} revision r{info.revision} to {info.folder}")
+    return 0
+
+
+def cmd_models(args):
+    registry = _registry(args)
+    if args.action == "list":
+        for info in registry.list_versions():
+            card = info.card or {}
+            mark = "*" if info.active else " "
+            extra = info.problem or f"parent {card.get('parent_version', '-')}, created {card.get('created', '?')}"
+            print(f"{mark} {info.version:<10} {extra}")
+    elif args.action == "activate":
+        if not args.version:
+            raise InputError("Name the version to activate, e.g. 'liverlesionai models activate v0001'.")
+        registry.activate(args.version)
+        print(f"active model: {args.version}")
+    elif args.action == "rollback":
+        print(f"active model: {registry.rollback(args.version)}")
+    elif args.action == "compare":
+        if not args.version:
+            raise InputError("Name the version to compare, e.g. 'liverlesionai models compare v0001'.")
+        print(_comparison_text(registry, args.version))
+    return 0
+
+
+def add_cli(sub):
+    def registry_options(sp):
+        sp.add_argument("--registry", default=None, help="model registry folder (default: the user's)")
+        sp.add_argument("--shipped-model", default=None, help=argparse_suppress())
+
+    f = sub.add_parser("finetune", help="fine-tune the active model on exported reviewed cases (new version)")
+    f.add_argument("dataset", help="export dataset folder (dataset.json)")
+    f.add_argument("--model", help="parent: a version id (default: the active one) or its folder")
+    f.add_argument("--epochs", type=int, default=None, help="total epochs (half with the encoder frozen)")
+    f.add_argument("--steps-per-epoch", type=int, default=None)
+    f.add_argument("--batch", type=int, default=None)
+    f.add_argument("--crop", type=int, default=None, help="training crop size in pixels")
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--no-replay", action="store_true", help="train on the exported cases only")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
+    f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")
+    registry_options(f)
+    f.set_defaults(func=cmd_finetune)
+
+    e = sub.add_parser("export", help="add a reviewed case to a training dataset (de-identified)")
+    e.add_argument("dataset", help="dataset folder (created if needed)")
+    e.add_argument("--ct", required=True, help="the CT (file or DICOM folder)")
+    e.add_argument("--seg", required=True, help="the reviewed .seg.nrrd")
+    e.add_argument("--proposed", default=None, help="the model's original .seg.nrrd (records what changed)")
+    e.add_argument("--model-version", default=None)
+    e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("models", help="model versions: list, activate, rollback, compare")
+    m.add_argument("action", choices=["list", "activate", "rollback", "compare"])
+    m.add_argument("version", nargs="?", default=None)
+    registry_options(m)
+    m.set_defaults(func=cmd_models)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def finetune_command(dataset_dir, model_version=None, device="auto", registry_root=None) -> list[str]:
+    """Program and arguments that fine-tune in a background process with JSON progress lines (panel)."""
+    from .slicer_worker import WORKER_SCRIPT, python_executable
+
+    args = [python_executable(), str(WORKER_SCRIPT), "finetune", str(dataset_dir), "--progress-json",
+            "--device", device]
+    if model_version:
+        args += ["--model", model_version]
+    if registry_root:
+        args += ["--registry", str(registry_root)]
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Panel helpers (Qt-free: the Slicer module calls one of these per button)
+# ----------------------------------------------------------------------------------------------
+def export_reviewed_case(dataset_dir, volume_node, seg_node, work_dir):
+    """Export the CT and its reviewed segmentation from the scene (via files in ``work_dir``, a
+    temporary folder the panel made), exactly as ``liverlesionai export`` would."""
+    from . import mrml
+    from .slicer_worker import write_volume_for_worker
+
+    ct_path = write_volume_for_worker(volume_node, work_dir)
+    seg_path = mrml.save_segmentation(seg_node, Path(work_dir) / "reviewed.seg.nrrd")
+    return export_mod.export_case_from_files(dataset_dir, ct_path, seg_path)
+
+
+def version_summary(version, registry=None) -> tuple[str, bool]:
+    """(before/after text for the panel, True when the version is worse than its parent or cannot be compared)."""
+    from .registry import ModelRegistry, SHIPPED_VERSION
+
+    registry = registry or ModelRegistry()
+    if version == SHIPPED_VERSION:
+        return "The shipped model (read-only).", False
+    return _comparison_text(registry, version), registry.compare(version).worse
+
+
+def activate_version(version, registry=None) -> str:
+    from .registry import ModelRegistry
+
+    (registry or ModelRegistry()).activate(version)
+    return version
+
+
+def rollback_version(version=None, registry=None) -> str:
+    from .registry import ModelRegistry
+
+    return (registry or ModelRegistry()).rollback(version)

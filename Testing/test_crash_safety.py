@@ -1,0 +1,126 @@
+"""kill -9 while `segment` writes a case's outputs: afterwards all four outputs or none, and rerunning works.
+
+A real child process runs the command line and is SIGKILLed at each step of ``cli.write_case_outputs``
+(test hook ``model_io.crash_point``, LIVERLESIONAI_TEST_PAUSE_AT). Export, registry and model saving
+have their own kill tests (test_export.py, test_registry.py, test_model_io.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from liverlesionai import cli
+from liverlesionai.model_io import temp_sibling
+from liverlesionai.volume_io import write_volume
+
+STEPS = ["segment:writing", "segment:staged", "segment:linking", "segment:linked_2", "segment:linked_3",
+         "segment:linked_4"]
+OUTPUTS = sorted(f"case7{suffix}" for suffix in cli.CASE_OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory):
+    k, j, i = np.indices((24, 64, 64))
+    hu = np.where(np.hypot(j - 31.5, i - 31.5) < 27, 60, -1000).astype(np.int16)
+    m = np.diag([-5.0, -5.0, 5.0, 1.0])
+    return write_volume(tmp_path_factory.mktemp("in") / "case7.nii.gz", hu, m)
+
+
+def segment_argv(ct_file, out, model):
+    return ["segment", str(ct_file), "-o", str(out), "--model", str(model), "--device", "cpu", "--threads", "1",
+            "--progress-json"]
+
+
+def kill_at(step, argv, tmp_path):
+    marker = tmp_path / "marker"
+    env = dict(os.environ, LIVERLESIONAI_TEST_PAUSE_AT=step, LIVERLESIONAI_TEST_PAUSE_MARKER=str(marker),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "liverlesionai.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists(), proc.stderr.read().decode()
+        assert marker.read_text().strip() == step
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)  # reaped: its pid is dead, so its staging folder counts as abandoned
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def run_cli(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, err.getvalue()
+
+
+def visible(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_sigkill_while_writing_outputs(step, ct_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    kill_at(step, segment_argv(ct_file, out, tiny_model_dir), tmp_path)
+    linked = {"segment:linking": 1, "segment:linked_2": 2, "segment:linked_3": 3, "segment:linked_4": 4}.get(step, 0)
+    # Right after the kill: the staged files are hidden; the outputs linked so far are visible.
+    assert len(visible(out)) == linked
+    assert len(hidden(out)) == 1  # the dead run's staging folder
+
+    rerun_recovers = step in ("segment:linking", "segment:linked_3")
+    if not rerun_recovers:  # recovery alone: all four outputs or none
+        removed = cli.recover_interrupted_outputs(out)
+        assert len(removed) == (linked if linked < 4 else 0)
+        assert visible(out) == (OUTPUTS if linked == 4 else []) and hidden(out) == []
+
+    rc, stderr = run_cli(segment_argv(ct_file, out, tiny_model_dir))
+    assert hidden(out) == []  # no staging folder, no temp file
+    if linked == 4:  # the dead run had finished its outputs: they are kept, never overwritten
+        assert rc == cli.EXIT_OUTPUT
+        assert "already holds" in stderr
+    else:
+        assert rc == 0, stderr
+        removed = [line for line in stderr.splitlines() if "left incomplete by an interrupted run" in line]
+        assert len(removed) == (linked if rerun_recovers else 0)
+    assert visible(out) == OUTPUTS
+    assert cli.recover_interrupted_outputs(out) == []
+
+
+def test_recovery_keeps_user_files_and_live_runs(tmp_path):
+    """Only links to a dead run's staged files are removed; a running writer's staging is left alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    user_file = out / "case7.seg.nrrd"
+    user_file.write_text("the user's own file")  # same name as a staged file, but not the same inode
+    staging = temp_sibling(out / "case7")  # named with this (live) process's pid
+    staging.mkdir()
+    for name in OUTPUTS:
+        (staging / name).write_text(name)
+    os.link(staging / "case7.lesions.csv", out / "case7.lesions.csv")
+    assert cli.recover_interrupted_outputs(out) == []  # writer alive: nothing touched
+    assert staging.exists() and (out / "case7.lesions.csv").exists()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = staging.with_name(staging.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
+    staging.rename(abandoned)
+    assert cli.recover_interrupted_outputs(out) == [out / "case7.lesions.csv"]
+    assert sorted(os.listdir(out)) == ["case7.seg.nrrd"]
+    assert user_file.read_text() == "the user's own file"

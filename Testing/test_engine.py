@@ -1,0 +1,100 @@
+"""The inference engine: geometry of outputs, orientation invariance, no-liver / no-lesion results."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from liverlesionai.engine import LiverLesionEngine
+from liverlesionai.phantom import generate_phantom_ct
+from liverlesionai.records import LESION_TYPES, CTVolume
+
+REAL_CASE = Path(__file__).resolve().parents[1].parent / "shared/data/ircadb-01/case_01"
+
+
+@pytest.fixture(scope="module")
+def phantom_ct():
+    ct, truth = generate_phantom_ct(21, max_in_plane=128)
+    return ct, truth
+
+
+def _flip_and_permute(ct: CTVolume):
+    """Same physical image stored in another array order (k reversed, i and j swapped)."""
+    voxels = np.ascontiguousarray(np.transpose(ct.voxels[::-1], (0, 2, 1)))
+    m = ct.ijk_to_ras.copy()
+    nk = ct.voxels.shape[0]
+    new = np.eye(4)
+    new[:3, 0], new[:3, 1], new[:3, 2] = m[:3, 1], m[:3, 0], -m[:3, 2]
+    new[:3, 3] = m[:3, 3] + (nk - 1) * m[:3, 2]
+    return CTVolume(voxels, new, ct.name), lambda a: np.transpose(a, (0, 2, 1))[::-1]
+
+
+def test_outputs_in_input_geometry_and_orientation_invariant(tiny_model_dir, phantom_ct):
+    ct, _ = phantom_ct
+    engine = LiverLesionEngine(tiny_model_dir, device="cpu")
+    result = engine.segment(ct)
+    assert result.liver_mask.shape == ct.voxels.shape and result.liver_mask.dtype == np.uint8
+    assert result.lesion_instances.shape == ct.voxels.shape and result.lesion_instances.dtype == np.uint16
+    assert np.array_equal(result.ijk_to_ras, ct.ijk_to_ras)
+    assert result.model_version == "test"
+    other, back = _flip_and_permute(ct)
+    result2 = engine.segment(other)
+    assert np.array_equal(back(result2.liver_mask), result.liver_mask)
+    assert np.array_equal(back(result2.lesion_instances), result.lesion_instances)
+
+
+def test_no_liver_is_a_result(no_liver_model_dir, phantom_ct):
+    ct, _ = phantom_ct
+    result = LiverLesionEngine(no_liver_model_dir, device="cpu").segment(ct)
+    assert result.lesions == [] and not result.liver_mask.any()
+    assert any("No liver found" in m for m in result.messages)
+
+
+def test_every_lesion_is_recorded_and_typed(all_lesion_model_dir, phantom_ct):
+    ct, _ = phantom_ct
+    progress = []
+    result = LiverLesionEngine(all_lesion_model_dir, device="cpu").segment(
+        ct, progress=lambda f, m: progress.append((f, m)))
+    ids = sorted(int(v) for v in np.unique(result.lesion_instances) if v)
+    assert ids == [r.lesion_id for r in result.lesions] == list(range(1, len(ids) + 1))
+    volumes = [r.volume_ml for r in result.lesions]
+    assert volumes == sorted(volumes, reverse=True)
+    for record in result.lesions:
+        assert record.lesion_type in LESION_TYPES
+        assert sum(record.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert not (result.liver_mask.astype(bool) & (result.lesion_instances > 0)).any()
+    assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] == 1.0
+
+
+def test_classify_drawn_lesion(tiny_model_dir, phantom_ct):
+    ct, truth = phantom_ct
+    engine = LiverLesionEngine(tiny_model_dir, device="cpu")
+    mask = np.zeros(ct.voxels.shape, bool)
+    k, j, i = (s // 2 for s in ct.voxels.shape)
+    mask[k - 2:k + 2, j - 4:j + 4, i - 4:i + 4] = True
+    probs = engine.classify_lesion(ct, mask)
+    assert set(probs) == set(LESION_TYPES) and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError):
+        engine.classify_lesion(ct, np.zeros_like(mask))
+
+
+def test_shipped_model_on_real_ct(shipped_model_dir):
+    """The real contrast CT: liver found with Dice >= 0.85 and the largest tumour detected."""
+    from liverlesionai.evaluation import evaluate_case
+    from liverlesionai.datasets import EvaluationCase
+
+    if not REAL_CASE.exists():
+        pytest.skip("real case not available")
+    case = EvaluationCase("case_01", REAL_CASE)
+    ct, truth = case.load_image(), case.load_truth()
+    result = LiverLesionEngine(shipped_model_dir, device="cpu").segment(ct)
+    metrics = evaluate_case({"liver_mask": result.liver_mask, "lesion_instances": result.lesion_instances,
+                             "lesion_types": {r.lesion_id: r.lesion_type for r in result.lesions}},
+                            truth, ct.ijk_to_ras)
+    print(metrics["liver_dice"], metrics["detection"])
+    assert metrics["liver_dice"] >= REAL_LIVER_DICE_FLOOR
+    largest_gt = int(np.argmax(np.bincount(truth["lesion_instances"].ravel())[1:]) + 1)
+    assert any(m["gt_id"] == largest_gt for m in metrics["matches"])
+
+
+REAL_LIVER_DICE_FLOOR = 0.85

@@ -1,0 +1,241 @@
+"""Fine-tuning: samples like the engine's, a new registry version with before/after metrics that is never
+activated, JSON progress, CLI (finetune / export / models), a SIGKILLed run (mid-training and mid-save)
+that leaves the registry consistent, and a 2-process torchrun (DDP, gloo) run. Tiny models, tiny phantoms."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from liverlesionai import cli
+from liverlesionai.export import load_dataset, manifest_sha256
+from liverlesionai.finetune import (
+    FinetuneCancelled, FinetuneSettings, PreparedCase, case_batch, export_phantom_case, finetune, prepare_case, split_cases,
+)
+from liverlesionai.model_io import save_model
+from liverlesionai.networks import CascadeConfig, LesionClassifierHead, UNet2p5D, UNetConfig
+from liverlesionai.registry import ModelRegistry
+
+torch.set_num_threads(1)
+TINY = (4, 8, 16, 32)
+FAST = dict(epochs_frozen=1, epochs_unfrozen=1, steps_per_epoch=2, batch=2, crop=32, replay_fraction=0.0,
+            classifier_epochs=2, classifier_views_per_lesion=1, classifier_replay_lesions=0)
+FAST_CLI = ["--epochs", "2", "--steps-per-epoch", "2", "--batch", "2", "--crop", "32", "--no-replay",
+            "--threads", "1"]
+
+
+def _tiny_model(folder: Path) -> Path:
+    cfg = CascadeConfig(UNetConfig(5, 2, TINY), UNetConfig(4, 5, TINY), classifier_patch=32)
+    torch.manual_seed(0)
+    stage1, stage2, head = UNet2p5D(cfg.stage1), UNet2p5D(cfg.stage2), LesionClassifierHead(cfg.stage2.features)
+    with torch.no_grad():  # stage 1 says "background" everywhere: validation runs stay fast
+        stage1.decoder.head.bias.copy_(torch.tensor([6.0, -6.0]))
+    state = {f"{n}.{k}": v for n, net in (("stage1", stage1), ("stage2", stage2), ("classifier", head))
+             for k, v in net.state_dict().items()}
+    save_model(folder, state, {"name": "tiny", "version": "tiny", "architecture": cfg.to_dict(),
+                               "metrics": {"phantom_test": {"global_lesion_dice": 0.1}}})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    shipped = _tiny_model(root / "shipped_model")
+    dataset = root / "dataset"
+    for seed in (3, 4, 5):
+        export_phantom_case(dataset, seed, max_in_plane=64)
+    return {"root": root, "shipped": shipped, "dataset": dataset}
+
+
+def _registry(world, name):
+    return ModelRegistry(world["root"] / name, shipped_dir=world["shipped"])
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("LIVERLESIONAI_TEST_PAUSE_AT", None)
+    return env
+
+
+def _cli_args(world, registry_name, *extra):
+    return [sys.executable, "-m", "liverlesionai.cli", "finetune", str(world["dataset"]), "--progress-json",
+            "--device", "cpu", "--registry", str(world["root"] / registry_name),
+            "--shipped-model", str(world["shipped"]), *FAST_CLI, *extra]
+
+
+def test_split_is_deterministic_and_needs_two_cases(world):
+    cases = load_dataset(world["dataset"])
+    train, val = split_cases(cases)
+    assert len(val) == 1 and len(train) == 2
+    assert [c.case_id for c in split_cases(list(reversed(cases)))[1]] == [val[0].case_id]
+    with pytest.raises(ValueError, match="at least 2"):
+        split_cases(cases[:1])
+
+
+def test_training_samples_look_like_the_engines_stage2_input(world):
+    cfg = CascadeConfig(UNetConfig(5, 2, TINY), UNetConfig(4, 5, TINY))
+    case = prepare_case(load_dataset(world["dataset"])[0], cfg)
+    assert case.hu.shape == case.label.shape and set(np.unique(case.label)) <= {0, 1, 2, 3, 4}
+    assert case.lesion_types, "phantom seeds 3-5 all have lesions"
+    settings = FinetuneSettings(batch=6, crop=32, lesion_crop_fraction=1.0)
+    x, y, w = case_batch([case], cfg, np.random.default_rng(0), settings)
+    assert x.shape == (6, 4, 32, 32) and y.shape == w.shape == (6, 32, 32)
+    assert x[:, :3].min() >= -1 and x[:, :3].max() <= 1 and 0 <= x[:, 3].min() and x[:, 3].max() <= 1
+    assert (y >= 2).any(), "lesion-centred crops contain lesion pixels"
+    assert (w[y < 2] == 1).all()
+    # inverse lesion-size weighting: a 3x3x3 lesion weighs 150/9 per pixel
+    hu = np.full((40, 40, 40), 100.0, np.float32)
+    label = np.ones((40, 40, 40), np.uint8)
+    label[19:22, 19:22, 19:22] = 4
+    small = PreparedCase("x", hu, label, (label == 4).astype(np.uint16), np.argwhere(label == 4), {1: "metastasis"})
+    x, y, w = case_batch([small], cfg, np.random.default_rng(1), settings)
+    assert (y == 4).any() and torch.allclose(w[y == 4], torch.tensor(150 / 9)) and (w[y != 4] == 1).all()
+
+
+def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
+    registry = _registry(world, "reg_api")
+    seen = []
+    version = finetune(world["dataset"], registry, None, FinetuneSettings(**FAST), "cpu", seen.append)
+    assert version == "v0001"
+    assert registry.active_version() == "shipped"  # never activated by fine-tuning
+    card = json.loads((registry.model_dir(version) / "model_card.json").read_text())
+    assert card["parent_version"] == "shipped"
+    assert card["dataset_manifest_sha256"] == manifest_sha256(world["dataset"])
+    assert card["hyperparameters"]["steps_per_epoch"] == 2 and card["hyperparameters"]["world_size"] == 1
+    val = card["validation"]
+    assert len(val["cases"]) == 1 and val["cases"][0] not in card["training_cases"]
+    assert {"lesion_dice", "liver_dice"} <= set(val["parent"]) and set(val["parent"]) == set(val["new"])
+    comparison = registry.compare(version)
+    assert comparison.comparable and comparison.same_cases
+    stages = {p.stage for p in seen}
+    assert {"prepare", "phase A", "phase B", "validate", "save", "done"} <= stages
+    assert seen[-1].fraction == 1.0 and all(0 <= p.fraction <= 1 for p in seen)
+    assert any(p.loss is not None and p.eta_s is not None for p in seen)
+    # cancel: nothing written
+    with pytest.raises(FinetuneCancelled):
+        finetune(world["dataset"], registry, None, FinetuneSettings(**FAST), "cpu",
+                 cancel=lambda: True)
+    assert [v.version for v in registry.list_versions()] == ["shipped", "v0001"]
+
+
+def _wait_for(proc, predicate, timeout=60):
+    deadline = time.time() + timeout
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if predicate(line):
+            return lines
+    proc.kill()
+    raise AssertionError("condition not reached; output:\n" + "".join(lines) + proc.stderr.read())
+
+
+def test_killed_finetune_leaves_the_registry_consistent_and_rerun_works(world, tmp_path):
+    name = "reg_kill"
+    registry = _registry(world, name)
+    registry.add_version(*_copy_of_shipped(world), "shipped")  # v0001 exists before
+    registry.activate("v0001")
+    before = ([v.version for v in registry.list_versions()], registry.active_version())
+
+    # 1) SIGKILL in the middle of training
+    proc = subprocess.Popen(_cli_args(world, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    lines = _wait_for(proc, lambda l: '"stage": "phase A"' in l)
+    progress = json.loads(lines[-1])
+    assert {"progress", "message", "stage", "epoch", "loss", "val_dice", "eta_s"} <= set(progress)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # 2) SIGKILL while the new version is being saved (weights written, folder not yet renamed)
+    marker = tmp_path / "marker"
+    env = dict(_env(), LIVERLESIONAI_TEST_PAUSE_AT="save_model:before_rename",
+               LIVERLESIONAI_TEST_PAUSE_MARKER=str(marker), LIVERLESIONAI_TEST_PAUSE_S="60")
+    proc = subprocess.Popen(_cli_args(world, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.time() + 90
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "save never reached"
+    leftovers = [p.name for p in (world["root"] / name / "versions").iterdir() if p.name.startswith(".")]
+    assert leftovers, "the half-saved version should exist as a hidden temp folder"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    reopened = _registry(world, name)
+    assert ([v.version for v in reopened.list_versions()], reopened.active_version()) == before
+    assert not any(p.name.startswith(".") for p in (world["root"] / name / "versions").iterdir())
+    assert not any(v.problem for v in reopened.list_versions())
+
+    # 3) a rerun works and starts from the active version
+    rc = subprocess.run(_cli_args(world, name), capture_output=True, text=True, env=_env(), timeout=120)
+    assert rc.returncode == 0, rc.stderr
+    last = json.loads([l for l in rc.stdout.splitlines() if l.startswith("{")][-1])
+    assert last["stage"] == "done" and last["progress"] == 1.0
+    reopened = _registry(world, name)
+    assert [v.version for v in reopened.list_versions()] == ["shipped", "v0001", "v0002"]
+    assert reopened.active_version() == "v0001"
+    card = json.loads((reopened.model_dir("v0002") / "model_card.json").read_text())
+    assert card["parent_version"] == "v0001"
+
+
+def _copy_of_shipped(world):
+    from liverlesionai.model_io import load_model
+
+    state, card = load_model(world["shipped"])
+    return state, {k: v for k, v in card.items() if k in ("name", "architecture")}
+
+
+def test_models_and_export_commands(world, tmp_path, capsys):
+    name = "reg_cli"
+    registry = _registry(world, name)
+    version = registry.add_version(*_copy_of_shipped(world), "shipped")
+    base = ["--registry", str(world["root"] / name), "--shipped-model", str(world["shipped"])]
+    assert cli.main(["models", "list", *base]) == 0
+    assert "* shipped" in capsys.readouterr().out
+    assert cli.main(["models", "activate", version, *base]) == 0
+    assert registry.active_version() == version
+    assert cli.main(["models", "compare", version, *base]) == 0
+    assert "parent shipped" in capsys.readouterr().out
+    assert cli.main(["models", "rollback", *base]) == 0
+    assert registry.active_version() == "shipped"
+    assert cli.main(["models", "activate", "v0099", *base]) == cli.EXIT_MODEL  # unknown version: clear error
+    # export from files: CT + reviewed seg.nrrd
+    from liverlesionai.phantom import generate_phantom_ct
+    from liverlesionai.segfile import write_seg_nrrd
+    from liverlesionai.volume_io import write_volume
+    from liverlesionai.records import SegmentationResult
+
+    ct, truth = generate_phantom_ct(11, max_in_plane=48)
+    write_volume(tmp_path / "ct.nii.gz", ct.voxels, ct.ijk_to_ras)
+    write_seg_nrrd(tmp_path / "r.seg.nrrd", SegmentationResult(truth.liver_mask, np.zeros_like(truth.lesion_instances),
+                                                               [], ct.ijk_to_ras, model_version="shipped"))
+    assert cli.main(["export", str(tmp_path / "ds"), "--ct", str(tmp_path / "ct.nii.gz"),
+                     "--seg", str(tmp_path / "r.seg.nrrd")]) == 0
+    assert len(load_dataset(tmp_path / "ds")) == 1
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_two_processes_gloo(world):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    name = "reg_ddp"
+    args = _cli_args(world, name)[1:]  # drop the python executable
+    args = [torchrun, "--standalone", "--nproc_per_node=2", "-m", *args[1:]]
+    rc = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=150)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    registry = _registry(world, name)
+    assert [v.version for v in registry.list_versions()] == ["shipped", "v0001"]  # only rank 0 saved
+    card = json.loads((registry.model_dir("v0001") / "model_card.json").read_text())
+    assert card["hyperparameters"]["world_size"] == 2

@@ -1,0 +1,107 @@
+"""Phantom generator invariants: reproducible, anatomically plausible, lesion signatures per type."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from liverlesionai import phantom as ph
+from liverlesionai.records import LESION_TYPES
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    return ph.generate_phantom_ct(11, max_in_plane=160)
+
+
+def test_same_seed_same_phantom(small_case):
+    ct2, truth2 = ph.generate_phantom_ct(11, max_in_plane=160)
+    ct, truth = small_case
+    assert np.array_equal(ct.voxels, ct2.voxels)
+    assert np.array_equal(truth.lesion_instances, truth2.lesion_instances)
+    assert np.allclose(ct.ijk_to_ras, ct2.ijk_to_ras)
+
+
+def test_different_seeds_differ():
+    a, b = ph.make_phantom(1), ph.make_phantom(2)
+    assert a.liver_hu != b.liver_hu
+    assert not np.allclose(a.liver_blobs[0].center, b.liver_blobs[0].center)
+
+
+def test_hounsfield_ranges(small_case):
+    ct, truth = small_case
+    assert ct.voxels.dtype == np.int16
+    assert ct.voxels.min() <= -950  # air outside the body
+    liver_hu = np.median(ct.voxels[(truth.liver_mask > 0) & (truth.lesion_instances == 0)])
+    assert 70 <= liver_hu <= 145
+    assert (ct.voxels > 300).sum() > 0  # bone
+
+
+def test_liver_volume_range():
+    volumes = [ph.make_phantom(seed).liver_volume_ml for seed in range(12)]
+    assert min(volumes) > 900 and max(volumes) < 2700
+    assert max(volumes) - min(volumes) > 400  # varied
+
+
+def test_lesions_inside_liver_and_counts():
+    counts, diameters = [], []
+    for seed in range(25):
+        phantom = ph.make_phantom(seed)
+        counts.append(len(phantom.lesions))
+        for lesion in phantom.lesions:
+            diameters.append(2 * lesion.blob.axes.mean())
+            assert lesion.lesion_type in LESION_TYPES
+    assert max(counts) <= 15 and min(counts) == 0
+    assert min(diameters) < 6 and max(diameters) > 50
+    assert np.mean(np.array(diameters) < 20) > 0.3  # many small lesions
+
+
+def test_ground_truth_consistency(small_case):
+    ct, truth = small_case
+    assert truth.liver_mask.shape == truth.lesion_instances.shape == ct.voxels.shape
+    lesion = truth.lesion_instances > 0
+    assert np.all(truth.liver_mask[lesion] == 1)  # lesions are part of the liver organ mask
+    ids = sorted(int(v) for v in np.unique(truth.lesion_instances) if v)
+    assert ids == list(range(1, len(ids) + 1))
+    assert set(truth.lesion_types) == set(ids)
+    labels = truth.label_map
+    for lesion_id, lesion_type in truth.lesion_types.items():
+        assert np.all(labels[truth.lesion_instances == lesion_id] == 2 + LESION_TYPES.index(lesion_type))
+
+
+def _render_lesion(lesion_type, seed):
+    """A phantom with exactly one big lesion of a type, rendered noise-free around it."""
+    rng = np.random.default_rng(seed)
+    for s in range(seed, seed + 200):
+        phantom = ph.make_phantom(s)
+        center = ph._liver_points(phantom, rng, 50)
+        if len(center):
+            break
+    lesion = ph._make_lesion(rng, 1, lesion_type, center[0], 30.0, phantom.liver_hu, 180.0, 1.0)
+    phantom.lesions = [lesion]
+    grid = ph.Grid(center[0] + np.array([25, 25, -25]), np.ones(3), (51, 51, 51))
+    hu, tissue, instances = ph.render(phantom, grid, acquisition=False)
+    return phantom, lesion, hu, instances
+
+
+def test_type_signatures():
+    # cyst: water density, homogeneous
+    phantom, _, hu, inst = _render_lesion("cyst", 100)
+    core = ndimage.binary_erosion(inst == 1, iterations=2)  # away from the partial-volume edge
+    values = hu[core]
+    assert -5 <= np.median(values) <= 25 and values.std() < 8
+    # metastasis: hypodense to the liver
+    phantom, lesion, hu, inst = _render_lesion("metastasis", 200)
+    assert np.median(hu[inst == 1]) < phantom.liver_hu - 5
+    # hemangioma: enhancing (near blood pool) nodules at the periphery
+    phantom, lesion, hu, inst = _render_lesion("hemangioma", 300)
+    values = hu[inst == 1]
+    assert np.percentile(values, 95) > phantom.liver_hu + 20
+
+
+def test_acquisition_variety():
+    rng = np.random.default_rng(0)
+    spacings = [ph.acquisition_grid(ph.make_phantom(s), rng).spacing for s in range(30)]
+    thickness = [s[2] for s in spacings]
+    in_plane = [s[0] for s in spacings]
+    assert min(thickness) <= 1.0 and max(thickness) >= 3.0
+    assert min(in_plane) < 0.65 and max(in_plane) > 0.85

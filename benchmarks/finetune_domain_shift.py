@@ -1,0 +1,171 @@
+"""Evidence that fine-tuning on a few corrected cases helps on a shifted domain without hurting the original.
+
+1. Shifted domain: phantoms drawn with ``phantom.make_phantom(domain=...)`` (default: a lower-contrast,
+   noisier acquisition: liver 60-80 HU, noise 25-35 HU, lesion contrast halved).
+2. Five shifted phantoms are exported as reviewed ("corrected") cases, ground truth as the review result.
+3. The model (default: the shipped one) is fine-tuned on them into a scratch registry (never activated).
+4. Parent and new model are evaluated with the real engine on 20 other shifted phantoms and on 20
+   original-domain phantoms (the held-out test seeds): lesion Dice (pooled), type accuracy, liver Dice,
+   detection F1. Per-case results are cached, so an interrupted run resumes.
+
+    python benchmarks/finetune_domain_shift.py --threads 2 [--model DIR] [--work /tmp/llai_shift]
+    python benchmarks/finetune_domain_shift.py --measure-only   # parent only (choose a shift)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SHIFT = {"liver_hu": [60, 80], "noise_hu": [25, 35], "lesion_contrast_scale": 0.5}
+EXPORT_SEED_BASE = 2_000_000  # neither training (1e6 + <1e6), validation (5e5..) nor test (0..999) seeds
+SHIFTED_TEST_SEED_BASE = 2_100_000
+ORIGINAL_TEST_SEED_BASE = 0  # training.TEST_SEED_BASE: the shipped model's held-out phantoms
+
+
+def make_cases(folder: Path, seeds, domain, max_in_plane):
+    from liverlesionai.datasets import write_phantom_case
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        case = folder / f"phantom_{seed:07d}"
+        if not case.exists():
+            tmp = folder / f".tmp_{seed}"
+            if tmp.exists():
+                import shutil
+                shutil.rmtree(tmp)
+            write_phantom_case(tmp, seed, max_in_plane=max_in_plane, domain=domain)
+            tmp.rename(case)
+    return folder
+
+
+def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
+    """Summary metrics of one model on one folder of cases (per-case results cached by weights checksum)."""
+    from liverlesionai.datasets import find_cases
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.evaluation import aggregate, evaluate_case
+    from liverlesionai.model_io import read_model_card
+
+    sha = read_model_card(model_dir)["weights_sha256"][:16]
+    cache = cache / sha / cases_dir.name
+    cache.mkdir(parents=True, exist_ok=True)
+    engine, results = None, []
+    for case in find_cases(cases_dir):
+        path = cache / f"{case.case_id}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            continue
+        engine = engine or LiverLesionEngine(model_dir, device=device)
+        ct = case.load_image()
+        t0 = time.time()
+        pred = engine.segment(ct)
+        m = evaluate_case({"liver_mask": pred.liver_mask, "lesion_instances": pred.lesion_instances,
+                           "lesion_types": {r.lesion_id: r.lesion_type for r in pred.lesions}},
+                          case.load_truth(), ct.ijk_to_ras, case_id=case.case_id)
+        m["seconds"] = round(time.time() - t0, 1)
+        path.write_text(json.dumps(m))
+        results.append(m)
+        log(f"  {sha[:8]} {cases_dir.name}/{case.case_id}: lesion Dice {m['lesion_dice']:.3f} ({m['seconds']} s)")
+    s = aggregate(results)
+    return {"n_cases": s["n_cases"], "lesion_dice": s["global_lesion_dice"], "type_accuracy": s["type_accuracy"],
+            "liver_dice": s["mean_liver_dice"], "detection_f1": s["detection"]["f1"],
+            "typed_lesions": int(sum(map(sum, s["type_confusion"]["matrix"])))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="parent model folder (default: the shipped model)")
+    p.add_argument("--work", default="/tmp/llai_domain_shift", help="scratch folder (cases, registry, cache)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "finetune_domain_shift.json"))
+    p.add_argument("--domain", default=json.dumps(SHIFT), help="phantom domain shift as JSON")
+    p.add_argument("--n-export", type=int, default=5)
+    p.add_argument("--n-test", type=int, default=20)
+    p.add_argument("--max-in-plane", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps-per-epoch", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--measure-only", action="store_true", help="evaluate the parent only")
+    p.add_argument("--prepare-only", action="store_true", help="only write the phantom cases and the dataset")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from liverlesionai.finetune import FinetuneSettings, export_phantom_case, finetune
+    from liverlesionai.registry import ModelRegistry, find_shipped_model
+
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    started = time.time()
+    domain = json.loads(args.domain)
+    work = Path(args.work)
+    parent_dir = Path(args.model) if args.model else find_shipped_model()
+    if parent_dir is None and not args.prepare_only:
+        sys.exit("No shipped model found; pass --model DIR.")
+    log(f"parent model {parent_dir}, domain shift {domain}")
+    shifted = make_cases(work / "shifted_test", range(SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test),
+                         domain, args.max_in_plane)
+    original = make_cases(work / "original_test",
+                          range(ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + args.n_test), None, args.max_in_plane)
+    dataset = work / "dataset"
+    if not (dataset / "dataset.json").exists():
+        for seed in range(EXPORT_SEED_BASE, EXPORT_SEED_BASE + args.n_export):
+            export_phantom_case(dataset, seed, domain=domain, max_in_plane=args.max_in_plane)
+    if args.prepare_only:
+        return
+    cache = work / "eval_cache"
+    results = {"domain": domain, "parent_model": str(parent_dir), "n_test": args.n_test,
+               "max_in_plane": args.max_in_plane, "threads": args.threads,
+               "seeds": {"exported": [EXPORT_SEED_BASE, EXPORT_SEED_BASE + args.n_export - 1],
+                         "shifted_test": [SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test - 1],
+                         "original_test": [ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + args.n_test - 1]}}
+    log("evaluating the parent")
+    results["before"] = {"shifted": evaluate(parent_dir, shifted, cache, args.device, log),
+                         "original": evaluate(parent_dir, original, cache, args.device, log)}
+    if not args.measure_only:
+        registry = ModelRegistry(work / "registry", shipped_dir=parent_dir)
+        done = [v.version for v in registry.list_versions() if not v.shipped]
+        if done:
+            version = done[-1]
+            log(f"reusing fine-tuned {version}")
+        else:
+            settings = FinetuneSettings(epochs_frozen=max(1, args.epochs // 2),
+                                        epochs_unfrozen=args.epochs - max(1, args.epochs // 2),
+                                        steps_per_epoch=args.steps_per_epoch)
+            t0 = time.time()
+            version = finetune(dataset, registry, "shipped", settings, args.device,
+                               lambda pr: log(f"  [{pr.stage}] {pr.message}"
+                                              + (f" (~{pr.eta_s:.0f} s left)" if pr.eta_s else "")), log=log)
+            results["finetune_seconds"] = round(time.time() - t0)
+        new_dir = registry.model_dir(version)
+        card = json.loads((new_dir / "model_card.json").read_text())
+        results["finetune"] = {"version": version, "validation": card["validation"],
+                               "hyperparameters": card["hyperparameters"], "history": card.get("finetune_history")}
+        log("evaluating the fine-tuned model")
+        results["after"] = {"shifted": evaluate(new_dir, shifted, cache, args.device, log),
+                            "original": evaluate(new_dir, original, cache, args.device, log)}
+    results["seconds"] = round(time.time() - started)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print_table(results)
+    log(f"wrote {out}")
+
+
+def print_table(results):
+    fmt = lambda v: "  n/a" if v is None else f"{100 * v:5.1f}"  # noqa: E731
+    print(f"\n{'domain':<10} {'metric':<14} {'before':>7} {'after':>7} {'change':>7}")
+    for dom in ("shifted", "original"):
+        for metric in ("lesion_dice", "type_accuracy", "liver_dice", "detection_f1"):
+            before = results["before"][dom].get(metric)
+            after = results.get("after", {}).get(dom, {}).get(metric)
+            change = None if before is None or after is None else after - before
+            print(f"{dom:<10} {metric:<14} {fmt(before):>7} {fmt(after):>7} "
+                  f"{'' if change is None else f'{100 * change:+6.1f}':>7}")
+
+
+if __name__ == "__main__":
+    main()

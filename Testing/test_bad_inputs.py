@@ -531,7 +531,7 @@ def test_liver_full_of_lesions(tmp_path, all_lesion_model_dir):
 
 
 def test_many_lesions_written_consistently(tmp_path):
-    """150 separate lesions in one result: all four outputs hold all of them."""
+    """80 separate lesions in one result: all four outputs hold all of them."""
     from liverlesionai.lesions import build_lesion_records
     from liverlesionai.records import LESION_TYPES, SegmentationResult
 
@@ -541,7 +541,7 @@ def test_many_lesions_written_consistently(tmp_path):
     for k in range(2, 38, 4):
         for j in range(10, 38, 4):
             for i in range(10, 38, 4):
-                if n < 150:
+                if n < 80:
                     n += 1
                     inst[k:k + 2, j:j + 2, i:i + 2] = n
     probs = {i: dict(zip(LESION_TYPES, (0.2, 0.3, 0.5))) for i in range(1, n + 1)}
@@ -551,7 +551,7 @@ def test_many_lesions_written_consistently(tmp_path):
     files = cli.write_case_outputs(tmp_path, "many", ct, result)
     assert listing(tmp_path) == case_outputs("many") and len(files) == 4
     seg = read_seg_nrrd(tmp_path / "many.seg.nrrd")
-    assert len(seg.lesions) == n == 150
+    assert len(seg.lesions) == n == 80
     np.testing.assert_array_equal(seg.lesion_instances, inst)
     assert len((tmp_path / "many.lesions.csv").read_text().strip().splitlines()) == n + 1
 

@@ -128,7 +128,7 @@ def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
     assert [v.version for v in registry.list_versions()] == ["shipped", "v0001"]
 
 
-def _wait_for(proc, predicate, timeout=60):
+def _wait_for(proc, predicate, timeout=300):  # generous: CI machines can be very loaded
     deadline = time.time() + timeout
     lines = []
     while time.time() < deadline:
@@ -161,10 +161,10 @@ def test_killed_finetune_leaves_the_registry_consistent_and_rerun_works(world, t
     # 2) SIGKILL while the new version is being saved (weights written, folder not yet renamed)
     marker = tmp_path / "marker"
     env = dict(_env(), LIVERLESIONAI_TEST_PAUSE_AT="save_model:before_rename",
-               LIVERLESIONAI_TEST_PAUSE_MARKER=str(marker), LIVERLESIONAI_TEST_PAUSE_S="60")
+               LIVERLESIONAI_TEST_PAUSE_MARKER=str(marker), LIVERLESIONAI_TEST_PAUSE_S="900")
     proc = subprocess.Popen(_cli_args(world, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
-    deadline = time.time() + 90
+    deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "save never reached"
@@ -179,7 +179,7 @@ def test_killed_finetune_leaves_the_registry_consistent_and_rerun_works(world, t
     assert not any(v.problem for v in reopened.list_versions())
 
     # 3) a rerun works and starts from the active version
-    rc = subprocess.run(_cli_args(world, name), capture_output=True, text=True, env=_env(), timeout=120)
+    rc = subprocess.run(_cli_args(world, name), capture_output=True, text=True, env=_env(), timeout=400)
     assert rc.returncode == 0, rc.stderr
     last = json.loads([l for l in rc.stdout.splitlines() if l.startswith("{")][-1])
     assert last["stage"] == "done" and last["progress"] == 1.0
@@ -233,7 +233,7 @@ def test_torchrun_two_processes_gloo(world):
     name = "reg_ddp"
     args = _cli_args(world, name)[1:]  # drop the python executable
     args = [torchrun, "--standalone", "--nproc_per_node=2", "-m", *args[1:]]
-    rc = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=150)
+    rc = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=400)
     assert rc.returncode == 0, rc.stderr[-3000:]
     registry = _registry(world, name)
     assert [v.version for v in registry.list_versions()] == ["shipped", "v0001"]  # only rank 0 saved

@@ -145,16 +145,25 @@ def run_cli(path, model, threads, device):
             raise RuntimeError(f"liverlesionai segment failed ({proc.returncode}): {stderr[-2000:]}")
         outputs = sorted(p.name for p in Path(out).iterdir())
     stages = {"startup_model_load": events[0][0] - t0 if events else t_end - t0, **stage_durations(events, t_end)}
-    return {"total": t_end - t0, "stages": stages, "peak_rss_mb": _rss_mb(ru), "outputs": outputs}
+    return {"total": t_end - t0, "stages": stages, "peak_rss_mb": _rss_mb(ru),
+            "cpu_seconds": ru.ru_utime + ru.ru_stime, "outputs": outputs}
 
 
 def run_child(args_list):
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", *map(str, args_list)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {stderr[-3000:]}")
-    return json.loads(stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        stdout = proc.stdout.read()
+        ru = _wait_rusage(proc)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read()[-3000:]}")
+    r = json.loads(stdout.strip().splitlines()[-1])
+    r["cpu_seconds"] = ru.ru_utime + ru.ru_stime
+    if r.get("projected"):  # peers: CPU time of the passes not run, from the median pass
+        r["cpu_seconds"] += r["pass_cpu_seconds_median"] * r["passes"] - r["cpu_seconds_of_passes_run"]
+    r["peak_rss_mb"] = _rss_mb(ru)
+    return r
 
 
 def median_summary(runs):
@@ -163,6 +172,7 @@ def median_summary(runs):
         list(r["stages"]).index(k) if k in r["stages"] else 99 for r in runs))
     out = {"total": float(np.median([r["total"] for r in runs])),
            "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in runs])),
+           "cpu_seconds": float(np.median([r["cpu_seconds"] for r in runs])),
            "stages": {k: float(np.median([r["stages"].get(k, 0.0) for r in runs])) for k in keys}}
     gpu = [r.get("peak_gpu_mb") for r in runs if r.get("peak_gpu_mb") is not None]
     if gpu:
@@ -189,6 +199,8 @@ def main(argv=None):
                    help="network passes actually run per peer repeat; the rest is projected (0: run all)")
     p.add_argument("--mirroring", action="store_true", help="nnU-Net's default 8x mirroring TTA (projected)")
     p.add_argument("--json", default=str(HERE / "results.json"))
+    p.add_argument("--update", action="store_true",
+                   help="keep the other entries of --json and replace only what this run measures")
     a = p.parse_args(argv)
 
     import volumes
@@ -200,6 +212,10 @@ def main(argv=None):
     kinds = a.only.split(",")
     model = a.model
     results = {"meta": _meta(a, model), "cases": {}}
+    if a.update and Path(a.json).exists():
+        previous = json.loads(Path(a.json).read_text())
+        results["cases"] = previous.get("cases", {})
+        results["earlier_meta"] = previous.get("meta")
     for case, path in cases.items():
         entry = results["cases"].setdefault(case, {"input": str(path)})
         for kind in kinds:
@@ -256,13 +272,14 @@ def _write_json(path, results):
 
 
 def print_table(results):
-    print(f"\n{'case':24} {'what':12} {'median s':>9} {'peak RSS MB':>12}  stages (median s)")
+    print(f"\n{'case':24} {'what':12} {'median s':>9} {'CPU s':>7} {'peak RSS MB':>12}  stages (median s)")
     for case, entry in results["cases"].items():
         for kind in ("ours_cli", "ours_engine", "nnunet", "segresnet"):
             if kind in entry:
                 m = entry[kind]["median"]
                 proj = " (projected)" if any(r.get("projected") for r in entry[kind]["runs"]) else ""
-                print(f"{case:24} {kind:12} {m['total']:9.2f} {m['peak_rss_mb']:12.0f}  {fmt_stages(m['stages'])}{proj}")
+                print(f"{case:24} {kind:12} {m['total']:9.2f} {m['cpu_seconds']:7.1f} {m['peak_rss_mb']:12.0f}  "
+                      f"{fmt_stages(m['stages'])}{proj}")
         for peer in ("nnunet", "segresnet"):
             if f"ratio_{peer}_over_ours_cli" in entry:
                 print(f"{case:24} {peer} / ours_cli = {entry[f'ratio_{peer}_over_ours_cli']:.1f}x")

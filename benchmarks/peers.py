@@ -40,17 +40,20 @@ class TimedNet:
 
     def __init__(self, net, device, limit=0):
         self.net, self.device, self.limit = net, device, limit
-        self.times, self.warm = [], False
+        self.times, self.cpu_times, self.cpu_run, self.warm = [], [], 0.0, False
 
     def __call__(self, x):
         if self.limit and len(self.times) >= self.limit:
             raise _Stop
         self._sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()  # process-wide CPU time, all threads
         y = self.net(x)
         self._sync()
+        cpu = time.process_time() - c
+        self.cpu_run += cpu
         if self.warm or not self.limit:
             self.times.append(time.perf_counter() - t)
+            self.cpu_times.append(cpu)
         self.warm = True
         return y
 
@@ -203,5 +206,7 @@ def run_peer(peer, path, out_path, threads, device="cpu", max_patches=0, mirrori
         stages["inference"] = float(np.median(timed.times)) * passes
     return {"stages": stages, "passes": passes, "measured_passes": measured_passes,
             "pass_seconds_median": float(np.median(timed.times)) if timed.times else None,
+            "pass_cpu_seconds_median": float(np.median(timed.cpu_times)) if timed.cpu_times else None,
+            "cpu_seconds_of_passes_run": timed.cpu_run,
             "projected": projected, "network_input_shape": list(data.shape),
             "parameters": sum(p.numel() for p in net.parameters())}

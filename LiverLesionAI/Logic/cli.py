@@ -99,7 +99,7 @@ def recover_interrupted_outputs(outdir: Path) -> list[Path]:
     from .model_io import is_stale_temp
 
     removed = []
-    for staging in Path(outdir).iterdir():
+    for staging in list(Path(outdir).iterdir()):
         if not (staging.is_dir() and is_stale_temp(staging)):
             continue
         staged = {p.name: p for p in staging.iterdir()}

@@ -44,17 +44,22 @@ class CascadeConfig:
     stage2_spacing: tuple = (1.25, 1.25, 1.25)
     hu_window: tuple = (-250.0, 350.0)
     classifier_patch: int = 64  # pixels of each orthogonal patch (at stage2_spacing)
+    # lesion candidate filter, tuned on validation phantoms when the model is built
+    min_lesion_confidence: float = 0.0
+    max_surface_fraction: float = 1.0
 
     def to_dict(self):
         return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
                 "stage1_spacing": list(self.stage1_spacing), "stage2_spacing": list(self.stage2_spacing),
-                "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch}
+                "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch,
+                "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction}
 
     @classmethod
     def from_dict(cls, d):
         return cls(UNetConfig.from_dict(d["stage1"]), UNetConfig.from_dict(d["stage2"]),
                    tuple(d["stage1_spacing"]), tuple(d["stage2_spacing"]), tuple(d["hu_window"]),
-                   int(d["classifier_patch"]))
+                   int(d["classifier_patch"]), float(d.get("min_lesion_confidence", 0.0)),
+                   float(d.get("max_surface_fraction", 1.0)))
 
 
 # stage-2 classes (per pixel): 0 outside the liver, 1 liver parenchyma, 2.. lesion types

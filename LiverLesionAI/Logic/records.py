@@ -100,3 +100,5 @@ class SegmentationResult:
     liver_volume_ml: float = 0.0  # whole organ: parenchyma + lesions
     messages: list[str] = field(default_factory=list)  # e.g. "No liver found."
     model_version: str = ""
+    # lesion id -> {"confidence": mean lesion probability, "surface_fraction": share near the liver surface}
+    lesion_evidence: dict[int, dict[str, float]] = field(default_factory=dict)

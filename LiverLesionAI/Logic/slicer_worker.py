@@ -44,12 +44,20 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+def default_threads() -> int:
+    """All cores but one, so Slicer's window stays responsive while the worker runs."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def segment_command(
-    input_path: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None, device: str = "auto"
+    input_path: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None, device: str = "auto",
+    force: bool = False,
 ) -> list[str]:
     """Program and arguments that segment ``input_path`` into ``output_dir`` with JSON progress lines."""
     args = [python_executable(), str(WORKER_SCRIPT), "segment", str(input_path), "-o", str(output_dir),
-            "--progress-json", "--device", device]
+            "--progress-json", "--device", device, "--threads", str(default_threads())]
+    if force:
+        args.append("--force")
     if model:
         args += ["--model", str(model)]
     return args

@@ -125,7 +125,7 @@ def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4
     while len(xs) < batch:
         phantom = source.get()
         lo, hi = phantom.liver_bbox
-        if phantom.lesions and rng.random() < 0.65:
+        if phantom.lesions and rng.random() < 0.55:
             lesion = phantom.lesions[rng.integers(len(phantom.lesions))]
             center = lesion.blob.center + rng.normal(0, 1, 3) * np.minimum(lesion.blob.axes, 30) * 0.6
         else:
@@ -350,13 +350,13 @@ def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, lo
         raise ValueError(f"unknown stage {stage!r}")
 
 
-def assemble_model(run_dir, model_dir, card_extra: dict | None = None):
+def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_overrides: dict | None = None):
     """Combine the stage checkpoints of ``run_dir`` into a model folder (safetensors + card)."""
     from .model_io import save_model
     from .phantom import GENERATOR_VERSION
 
     run_dir = Path(run_dir)
-    cfg = CascadeConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = CascadeConfig.from_dict({**json.loads((run_dir / "config.json").read_text()), **(config_overrides or {})})
     state, steps = {}, {}
     for part in ("stage1", "stage2", "classifier"):
         ckpt = run_dir / f"{part}.ckpt"
@@ -378,7 +378,8 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None):
 
 
 def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=1200, device="auto", threads=None,
-                test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None):
+                test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None,
+                validation_cases=12):
     """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, evaluate on
     the held-out phantom test set (and optionally a real case), and write the model with its card."""
     import shutil
@@ -395,26 +396,34 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
     train_stage("stage2", run_dir, steps2, device, threads, log)
     if not (run_dir / "classifier.ckpt").exists():
         train_stage("classifier", run_dir, 0, device, threads, log, classifier_lesions=classifier_lesions)
-    test_dir = run_dir / "phantom_testset"
-    test_dir.mkdir(exist_ok=True)
-    for seed in test_seeds:
-        if not (test_dir / f"phantom_{seed:05d}").exists():
-            try:
-                write_phantom_case(test_dir / f"phantom_{seed:05d}", TEST_SEED_BASE + seed,
-                                   max_in_plane=test_max_in_plane)
-            except OutputError:
-                pass  # written meanwhile by another process: cases appear atomically
+    def phantom_set(folder, base, seeds):
+        folder.mkdir(exist_ok=True)
+        for seed in seeds:
+            if not (folder / f"phantom_{seed:05d}").exists():
+                try:
+                    write_phantom_case(folder / f"phantom_{seed:05d}", base + seed, max_in_plane=test_max_in_plane)
+                except OutputError:
+                    pass  # written meanwhile by another process: cases appear atomically
+        return folder
+
+    validation_dir = phantom_set(run_dir / "phantom_validation", VALIDATION_SEED_BASE, range(validation_cases))
+    test_dir = phantom_set(run_dir / "phantom_testset", TEST_SEED_BASE, test_seeds)
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=model_out.parent))
     try:
-        assemble_model(run_dir, staging / "m", {"version": version})
+        assemble_model(run_dir, staging / "untuned", {"version": version})
+        tuning = tune_candidate_filter(staging / "untuned", validation_dir, device, threads, log)
+        overrides = {k: tuning[k] for k in ("min_lesion_confidence", "max_surface_fraction")}
+        assemble_model(run_dir, staging / "m", {"version": version}, overrides)
         metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging / "m", test_dir, device,
-                                                                               threads, log))}
+                                                                               threads, log)),
+                   "candidate_filter_tuning": tuning}
         metrics["phantom_test"]["seeds"] = [TEST_SEED_BASE + s for s in test_seeds]
         if real_case:
             metrics["real_case"] = _card_metrics(evaluate_model_or_predictions(staging / "m", real_case, device,
                                                                                threads, log))
         info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
-        return assemble_model(run_dir, model_out, {"version": version, "metrics": metrics,
+        return assemble_model(run_dir, model_out, config_overrides=overrides, card_extra={
+                                  "version": version, "metrics": metrics,
                                                    "classifier": info, "hyperparameters": {
                                                        "batch": 16, "lr": 2e-3, "optimizer": "AdamW",
                                                        "loss": "Dice + inverse-lesion-size weighted CE",
@@ -428,3 +437,40 @@ def _card_metrics(summary):
     keep = ("mean_liver_dice", "global_lesion_dice", "detection", "detection_by_size", "type_accuracy",
             "type_confusion", "n_cases")
     return {k: summary[k] for k in keep if k in summary}
+
+
+def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print):
+    """Choose the lesion candidate thresholds (confidence, surface fraction) that maximise detection F1
+    on validation phantoms; the model at ``model_dir`` must report every candidate (no filter)."""
+    from .datasets import find_cases
+    from .engine import LiverLesionEngine
+    from .evaluation import evaluate_case
+
+    engine = LiverLesionEngine(model_dir, device=device, threads=threads)
+    confidence, surface, is_tp, missed = [], [], [], 0
+    for case in find_cases(cases_dir):
+        ct, truth = case.load_image(), case.load_truth()
+        result = engine.segment(ct)
+        pred = {"liver_mask": result.liver_mask, "lesion_instances": result.lesion_instances,
+                "lesion_types": {r.lesion_id: r.lesion_type for r in result.lesions}}
+        metrics = evaluate_case(pred, truth, ct.ijk_to_ras, case.case_id)
+        matched = {m["pred_id"] for m in metrics["matches"]}
+        missed += metrics["detection"]["fn"]
+        for lesion_id, evidence in result.lesion_evidence.items():
+            confidence.append(evidence["confidence"])
+            surface.append(evidence["surface_fraction"])
+            is_tp.append(lesion_id in matched)
+    confidence, surface, is_tp = np.array(confidence), np.array(surface), np.array(is_tp, bool)
+
+    def f1(min_conf, max_surface):
+        passing = (confidence >= min_conf) & (surface <= max_surface)
+        tp, fp = int((passing & is_tp).sum()), int((passing & ~is_tp).sum())
+        fn = missed + int(is_tp.sum()) - tp
+        return 2 * tp / max(2 * tp + fp + fn, 1)
+
+    candidates = [(round(c, 2), round(m, 2)) for c in np.arange(0.0, 0.96, 0.05) for m in np.arange(1.0, 0.19, -0.1)]
+    best = max(candidates, key=lambda cm: (round(f1(*cm), 4), -cm[0], cm[1]))
+    log(f"[filter] validation detection F1 {f1(0.0, 1.0):.3f} -> {f1(*best):.3f} with min confidence {best[0]}, "
+        f"max surface fraction {best[1]} ({len(is_tp)} candidates)")
+    return {"min_lesion_confidence": float(best[0]), "max_surface_fraction": float(best[1]),
+            "validation_f1_unfiltered": f1(0.0, 1.0), "validation_f1": f1(*best), "candidates": int(len(is_tp))}

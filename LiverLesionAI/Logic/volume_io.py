@@ -107,9 +107,11 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
                 f"{path}: unsupported file type '{ext or path.name}'. Use NIfTI (.nii, .nii.gz), NRRD "
                 f"(.nrrd, .nhdr), MetaImage (.mha, .mhd) or a folder with a DICOM series."
             )
+        non_finite = None
         if ext.lower() in (".nii", ".nii.gz"):
-            _check_nifti_complete(path)  # ITK silently zero-fills a truncated NIfTI
+            non_finite = _check_nifti_complete(path)  # ITK zero-fills a truncated NIfTI and NaN voxels
         try:
+            _check_size_before_reading(path, stem)
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             raise InputError(f"{path}: cannot be read; the file is damaged, truncated or not an image "
@@ -117,28 +119,51 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
         name = stem
     image = _as_3d(image, path)
     voxels, ijk_to_ras = array_from_sitk(image)
+    if non_finite is not None and non_finite.shape == voxels.shape:
+        voxels = voxels.astype(np.float32)
+        voxels[non_finite] = np.nan  # keep the damage visible: validation refuses it with a count
     return CTVolume(voxels=voxels, ijk_to_ras=ijk_to_ras, name=name)
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise InputError if the NIfTI-1/2 file holds fewer bytes than its header announces."""
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _check_size_before_reading(path: Path, name: str) -> None:
+    """Refuse a volume beyond the memory budget from its header, before its voxels are loaded."""
+    from .validation import check_memory_budget
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = list(reader.GetSize())[:3] + [1] * (3 - min(3, reader.GetDimension()))
+    spacing = list(reader.GetSpacing())[:3] + [1.0] * (3 - min(3, reader.GetDimension()))
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    itemsize = next((n // 8 for n in (64, 32, 16, 8) if pixel.startswith(f"{n}-bit")), 2)
+    check_memory_budget(name, tuple(size[::-1]), np.diag([*spacing, 1.0]), itemsize)
+
+
+def _check_nifti_complete(path: Path):
+    """Raise InputError if the NIfTI-1/2 file holds fewer bytes than its header announces.
+
+    For float data, return the mask [k, j, i] of NaN/Inf voxels (ITK reads them as 0), else None.
+    """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            header = f.read(540)
-            total = len(header)
-            while chunk := f.read(1 << 22):
-                total += len(chunk)
+            content = f.read()
+        header, total = content[:540], len(content)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: cannot be read; the file is damaged or truncated ({exc}).") from exc
     for order in "<>":
         sizeof_header = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
         if sizeof_header == 348 and len(header) >= 348:
             dims = struct.unpack(order + "8h", header[40:56])
+            datatype = struct.unpack(order + "h", header[70:72])[0]
             bitpix = struct.unpack(order + "h", header[72:74])[0]
             data_offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if sizeof_header == 540 and len(header) >= 540:
+            datatype = struct.unpack(order + "h", header[12:14])[0]
             bitpix = struct.unpack(order + "h", header[14:16])[0]
             dims = struct.unpack(order + "8q", header[16:80])
             data_offset = struct.unpack(order + "q", header[168:176])[0]
@@ -150,6 +175,14 @@ def _check_nifti_complete(path: Path) -> None:
     expected = max(data_offset, 348) + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) * bitpix // 8
     if total < expected:
         raise InputError(f"{path}: the file is truncated ({total} of {expected} bytes); it cannot be used.")
+    if datatype not in _NIFTI_FLOAT_TYPES:
+        return None
+    shape = [max(d, 1) for d in dims[1:dims[0] + 1]][::-1]
+    offset = max(data_offset, 348 if sizeof_header == 348 else 540)
+    data = np.frombuffer(content, dtype=order + _NIFTI_FLOAT_TYPES[datatype], count=int(np.prod(shape)),
+                         offset=offset)
+    non_finite = ~np.isfinite(data)
+    return non_finite.reshape(shape[-3:] if len(shape) >= 3 else shape) if non_finite.any() else None
 
 
 def _as_3d(image: sitk.Image, path: Path) -> sitk.Image:

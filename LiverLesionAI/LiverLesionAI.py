@@ -385,7 +385,8 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
         from liverlesionai.engine import LiverLesionEngine  # imports torch: only once it is installed
         key = (version, device)
         if key not in self._engines:
-            self._engines[key] = LiverLesionEngine(model=self.modelPath(version), device=device)
+            self._engines[key] = LiverLesionEngine(model=self.modelPath(version), device=device,
+                                                       threads=slicer_worker.default_threads())
         return self._engines[key]
 
     def isRunning(self):

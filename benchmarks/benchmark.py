@@ -201,7 +201,11 @@ def main(argv=None):
     p.add_argument("--json", default=str(HERE / "results.json"))
     p.add_argument("--update", action="store_true",
                    help="keep the other entries of --json and replace only what this run measures")
+    p.add_argument("--markdown", action="store_true", help="print the table of --json as Markdown; measure nothing")
     a = p.parse_args(argv)
+    if a.markdown:
+        print(markdown_table(json.loads(Path(a.json).read_text())))
+        return 0
 
     import volumes
 
@@ -215,7 +219,7 @@ def main(argv=None):
     if a.update and Path(a.json).exists():
         previous = json.loads(Path(a.json).read_text())
         results["cases"] = previous.get("cases", {})
-        results["earlier_meta"] = previous.get("meta")
+        results["earlier_meta"] = [*previous.get("earlier_meta", []), previous.get("meta")]
     for case, path in cases.items():
         entry = results["cases"].setdefault(case, {"input": str(path)})
         for kind in kinds:
@@ -230,9 +234,13 @@ def main(argv=None):
                 runs.append(r)
                 print(f"{case} {kind} #{rep + 1}: {r['total']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
                       f"[{fmt_stages(r['stages'])}]", flush=True)
-            entry[kind] = {"median": median_summary(runs), "runs": runs}
-        _ratios(entry)
-        _write_json(a.json, results)
+            entry[kind] = {"median": median_summary(runs), "runs": runs, "measured": {
+                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "repeats": a.repeats,
+                "threads": a.threads, "device": a.device, "model": results["meta"]["model"],
+                **({"peer_patches": a.peer_patches, "mirroring": a.mirroring} if kind in ("nnunet", "segresnet")
+                   else {})}}
+            _ratios(entry)
+            _write_json(a.json, results)  # after every measurement: a long run keeps what it measured
     print_table(results)
     return 0
 
@@ -244,6 +252,8 @@ def _ratios(entry):
     for peer in ("nnunet", "segresnet"):
         if peer in entry:
             entry[f"ratio_{peer}_over_ours_cli"] = entry[peer]["median"]["total"] / ours["median"]["total"]
+            entry[f"cpu_ratio_{peer}_over_ours_cli"] = (entry[peer]["median"]["cpu_seconds"]
+                                                        / ours["median"]["cpu_seconds"])
 
 
 def _meta(a, model):
@@ -278,11 +288,34 @@ def print_table(results):
             if kind in entry:
                 m = entry[kind]["median"]
                 proj = " (projected)" if any(r.get("projected") for r in entry[kind]["runs"]) else ""
-                print(f"{case:24} {kind:12} {m['total']:9.2f} {m['cpu_seconds']:7.1f} {m['peak_rss_mb']:12.0f}  "
+                print(f"{case:24} {kind:12} {m['total']:9.2f} {m.get('cpu_seconds', float('nan')):7.1f} {m['peak_rss_mb']:12.0f}  "
                       f"{fmt_stages(m['stages'])}{proj}")
         for peer in ("nnunet", "segresnet"):
             if f"ratio_{peer}_over_ours_cli" in entry:
-                print(f"{case:24} {peer} / ours_cli = {entry[f'ratio_{peer}_over_ours_cli']:.1f}x")
+                print(f"{case:24} {peer} / ours_cli = {entry[f'ratio_{peer}_over_ours_cli']:.1f}x wall, "
+                      f"{entry[f'cpu_ratio_{peer}_over_ours_cli']:.1f}x CPU time")
+
+
+def markdown_table(results):
+    """The README table: one row per case and measurement, medians."""
+    rows = ["| volume | what | median wall s | CPU s | peak RSS MB | stages (median wall s) | peer / ours_cli |",
+            "|---|---|---:|---:|---:|---|---:|"]
+    for case, entry in results["cases"].items():
+        for kind in ("ours_cli", "ours_engine", "nnunet", "segresnet"):
+            if kind not in entry:
+                continue
+            m = entry[kind]["median"]
+            proj = " (inference projected)" if any(r.get("projected") for r in entry[kind]["runs"]) else ""
+            ratio, cpu_ratio = entry.get(f"ratio_{kind}_over_ours_cli"), entry.get(f"cpu_ratio_{kind}_over_ours_cli")
+            rows.append(f"| {case} | {kind} | {m['total']:.1f} | {m.get('cpu_seconds', float('nan')):.1f} | {m['peak_rss_mb']:.0f} | "
+                        f"{fmt_stages(m['stages'])}{proj} | {_ratio_text(ratio, cpu_ratio)} |")
+    return "\n".join(rows)
+
+
+def _ratio_text(ratio, cpu_ratio):
+    if ratio is None:
+        return ""
+    return f"{ratio:.1f}x wall" + ("" if cpu_ratio is None else f", {cpu_ratio:.1f}x CPU")
 
 
 def child_main(argv):

@@ -113,6 +113,9 @@ class Phantom:
     structures: list  # (tissue_label, shape, hu, texture_hu, kind) painted in order
     body: Blob = None
     liver_volume_ml: float = 0.0
+    liver_vessels: list = field(default_factory=list)  # intrahepatic portal branches and hepatic veins (Tube)
+    liver_vessel_hu: float = 0.0
+    liver_texture_hu: float = 5.0
 
     @property
     def liver_bbox(self):

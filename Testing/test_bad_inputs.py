@@ -342,9 +342,9 @@ FILE_ONLY = {"4d_series", "multicomponent", "rgb", "zero_size", "truncated_nifti
 def test_slicer_layer(kind, tmp_path, scene, tiny_engine, monkeypatch):
     """The same volume as a volume node: ct_from_volume_node -> engine -> the same message."""
     path, code, message, args, env = unpack(KINDS[kind](tmp_path))
+    ct = read_ct(path)  # the file reader would already refuse some kinds (memory budget): test the layer
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    ct = read_ct(path)
     node = mrml.volume_node_from_ct(scene, ct, name=ct.name)
     try:
         node_ct = mrml.ct_from_volume_node(node)
@@ -564,7 +564,7 @@ def test_shipped_model_finds_no_liver_in_water_cylinder(tmp_path, shipped_model_
     rc, _, stderr = run_cli(["segment", str(path), "-o", str(out), "--model", str(shipped_model_dir),
                              "--device", "cpu", "--threads", "1", "--progress-json"])
     assert rc == 0, stderr
-    assert "  No liver found in this CT (is the upper abdomen in the field of view?)." in stderr.splitlines()
+    assert any(line.startswith("  No liver found in this CT (") for line in stderr.splitlines()), stderr
     assert listing(out) == case_outputs("water")
 
 

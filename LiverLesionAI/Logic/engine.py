@@ -29,6 +29,7 @@ from .training import lesion_view_inputs, lesion_view_vectors, resolve_device
 from .validation import validate_ct
 
 MIN_LIVER_ML = 150.0  # below this, stage 1 found no liver worth reporting
+MAX_LIVER_ML = 5000.0  # beyond even severe hepatomegaly: stage 1 was fooled (e.g. a water phantom)
 MIN_LESION_MM3 = 14.0  # ~3 mm diameter: the smallest lesion the product reports
 ROI_MARGIN_MM = 15.0
 EDGE_BAND_MM = 2.5  # "near the liver surface" for the lesion candidate filter
@@ -156,9 +157,10 @@ class LiverLesionEngine:
         liver_prob1 = self._predict_slabs(self.stage1, x1, notes=notes)[1].astype(np.float32)
         liver1 = largest_component(liver_prob1 > 0.5)
         liver1_ml = liver1.sum() * np.prod(g1.spacing) / 1000
-        if liver1_ml < MIN_LIVER_ML:
-            result = self._empty_result(ct, "No liver found in this CT (is the upper abdomen in the field of view?).",
-                                        started)
+        if liver1_ml < MIN_LIVER_ML or liver1_ml > MAX_LIVER_ML:
+            reason = ("is the upper abdomen in the field of view?" if liver1_ml < MIN_LIVER_ML else
+                      f"the region found, {liver1_ml:.0f} mL, is not a plausible liver")
+            result = self._empty_result(ct, f"No liver found in this CT ({reason}).", started)
             result.messages.extend(warnings + notes)
             progress(1.0, "No liver found")
             return result

@@ -97,6 +97,7 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist.")
+    non_finite = None
     if path.is_dir():
         image = _read_dicom_series(path, series_uid)
         name = path.resolve().name
@@ -107,7 +108,6 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
                 f"{path}: unsupported file type '{ext or path.name}'. Use NIfTI (.nii, .nii.gz), NRRD "
                 f"(.nrrd, .nhdr), MetaImage (.mha, .mhd) or a folder with a DICOM series."
             )
-        non_finite = None
         if ext.lower() in (".nii", ".nii.gz"):
             non_finite = _check_nifti_complete(path)  # ITK zero-fills a truncated NIfTI and NaN voxels
         try:

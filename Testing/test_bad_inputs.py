@@ -516,7 +516,8 @@ def test_no_liver(tmp_path, no_liver_model_dir):
 
 def test_liver_full_of_lesions(tmp_path, all_lesion_model_dir):
     """Stage 2 sees lesion everywhere: the run completes, files agree with each other."""
-    path = save(tmp_path / "full.nii.gz", abdomen())
+    # 2.5 mm voxels: a 2.6 L scan, so "everything is liver" stays a plausible liver volume (< 5 L)
+    path = save(tmp_path / "full.nii.gz", abdomen(), axial_matrix((2.5, 2.5, 2.5), (80.0, 80.0, -50.0)))
     out = tmp_path / "out"
     rc, _, stderr = run_cli(["segment", str(path), "-o", str(out), "--model", str(all_lesion_model_dir),
                              "--device", "cpu", "--progress-json"])

@@ -37,7 +37,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from . import export as export_mod
@@ -51,7 +50,7 @@ from .preprocessing import VIEWS, canonical_grid, normalize_hu, to_view
 from .records import LESION_TYPES
 from .training import (
     TRAIN_SEED_BASE, PhantomSource, _intensity_augment, _liver_prior, classifier_samples, dice_ce_loss,
-    lesion_pixel_weights, lesion_view_inputs, lesion_view_vectors, resolve_device, stage2_batch,
+    lesion_pixel_weights, lesion_view_inputs, lesion_view_vectors, resolve_device, stage2_batch, train_head,
 )
 
 # Exported label values are the stage-2 classes: 0 outside, 1 liver, 2.. lesion types in LESION_TYPES order.
@@ -286,18 +285,7 @@ def refit_head(head: LesionClassifierHead, features, labels, epochs, seed):
     if len(labels) == 0:
         return head
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(head.mlp.parameters(), lr=3e-4, weight_decay=1e-3)
-    for _ in range(epochs):
-        head.train()
-        perm = torch.randperm(len(labels))
-        for start in range(0, len(perm), 32):
-            idx = perm[start:start + 32]
-            loss = F.cross_entropy(head.logits(features[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    head.eval()
-    return head
+    return train_head(head, features, labels, epochs, lr=3e-4, batch=32)
 
 
 # ----------------------------------------------------------------------------------------------

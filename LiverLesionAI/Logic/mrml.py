@@ -374,13 +374,9 @@ def _record_from_tags(seg_node, segment_id: str) -> LesionRecord | None:
     lesion_type = tags.get(TAG_PREFIX + "Type", "")
     if lesion_type not in LESION_TYPES:
         return None
-    probabilities = {}
-    for pair in tags.get(TAG_PREFIX + "Probabilities", "").split(","):
-        key, _, value = pair.partition("=")
-        try:
-            probabilities[key.strip()] = float(value)
-        except ValueError:
-            continue
+    from .segfile import parse_probabilities  # imports scipy: not at module load (see the module file)
+
+    probabilities = parse_probabilities(tags.get(TAG_PREFIX + "Probabilities", ""))
     status = tags.get(TAG_PREFIX + "ReviewStatus", "unreviewed")
     return LesionRecord(
         lesion_id=_stored_lesion_id(seg_node, segment_id) or 0, lesion_type=lesion_type,

@@ -493,17 +493,23 @@ def _float_tag(tags: dict, key: str) -> float:
         return math.nan
 
 
-def _lesion_record(seg: dict, lesion_id: int, ijk: tuple[np.ndarray, np.ndarray, np.ndarray], ijk_to_ras: np.ndarray,
-                   voxel_ml: float, messages: list[str]) -> LesionRecord:
-    tags = seg["Tags"]
-    lesion_type = tags.get(TAG_PREFIX + "Type", "")
+def parse_probabilities(text: str) -> dict[str, float]:
+    """'cyst=0.05,hemangioma=0.08,metastasis=0.87' -> dict; malformed pairs are skipped."""
     probabilities: dict[str, float] = {}
-    for pair in tags.get(TAG_PREFIX + "Probabilities", "").split(","):
+    for pair in text.split(","):
         key, _, value = pair.partition("=")
         try:
             probabilities[key.strip()] = float(value)
         except ValueError:
             continue
+    return probabilities
+
+
+def _lesion_record(seg: dict, lesion_id: int, ijk: tuple[np.ndarray, np.ndarray, np.ndarray], ijk_to_ras: np.ndarray,
+                   voxel_ml: float, messages: list[str]) -> LesionRecord:
+    tags = seg["Tags"]
+    lesion_type = tags.get(TAG_PREFIX + "Type", "")
+    probabilities = parse_probabilities(tags.get(TAG_PREFIX + "Probabilities", ""))
     if not lesion_type:
         messages.append(f"Segment '{seg['Name']}' has no LiverLesionAI tags; its type is taken from its name or terminology.")
         match = _NAME_PATTERN.match(seg["Name"])

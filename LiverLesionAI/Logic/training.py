@@ -284,6 +284,22 @@ def classifier_samples(stage2, cfg: CascadeConfig, source, count, rng, device, l
     return torch.cat(features), torch.tensor(labels)
 
 
+def train_head(head: LesionClassifierHead, features, labels, epochs, lr, batch):
+    """Cross-entropy epochs over (features, labels); standardisation and temperature untouched."""
+    opt = torch.optim.AdamW(head.mlp.parameters(), lr=lr, weight_decay=1e-3)
+    for _ in range(epochs):
+        head.train()
+        perm = torch.randperm(len(labels))
+        for start in range(0, len(perm), batch):
+            idx = perm[start:start + batch]
+            loss = F.cross_entropy(head.logits(features[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    return head
+
+
 def fit_classifier(features, labels, cfg: CascadeConfig, rng, epochs=400, log=print):
     """Train the head on 85% of the samples; fit a temperature on the other 15% (calibration)."""
     torch.manual_seed(int(rng.integers(1 << 30)))
@@ -294,17 +310,7 @@ def fit_classifier(features, labels, cfg: CascadeConfig, rng, epochs=400, log=pr
     head = LesionClassifierHead(cfg.stage2.features)
     head.feature_mean.copy_(features[tr].mean(0))
     head.feature_std.copy_(features[tr].std(0).clamp(min=1e-4))
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
-    for _ in range(epochs):
-        head.train()
-        perm = tr[torch.randperm(len(tr))]
-        for start in range(0, len(perm), 64):
-            idx = perm[start:start + 64]
-            loss = F.cross_entropy(head.logits(features[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    head.eval()
+    train_head(head, features[tr], labels[tr], epochs, lr=1e-3, batch=64)
     with torch.no_grad():
         logits = head.logits(features[val])
         temps = torch.linspace(0.5, 3.0, 51)

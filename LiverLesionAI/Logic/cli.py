@@ -291,7 +291,8 @@ def cmd_train(args):
 
     build_model(args.run_dir, args.model_out, steps1=args.steps1, steps2=args.steps2,
                 classifier_lesions=args.classifier_lesions, device=args.device, threads=args.threads,
-                test_seeds=_seed_range(args.test_seeds), real_case=args.real_case, version=args.version)
+                test_seeds=_seed_range(args.test_seeds), real_case=args.real_case, version=args.version,
+                test_max_in_plane=args.test_max_in_plane)
     return 0
 
 
@@ -345,10 +346,11 @@ def build_parser():
     t = sub.add_parser("train", help="train the cascade from scratch on phantoms (resumable)")
     t.add_argument("run_dir", help="checkpoints go here; rerun to resume")
     t.add_argument("model_out", help="new model folder to create")
-    t.add_argument("--steps1", type=int, default=2000)
-    t.add_argument("--steps2", type=int, default=1500)
+    t.add_argument("--steps1", type=int, default=2600)
+    t.add_argument("--steps2", type=int, default=2400)
     t.add_argument("--classifier-lesions", type=int, default=1200)
     t.add_argument("--test-seeds", default="0-19", help="held-out phantom seeds for the model card metrics")
+    t.add_argument("--test-max-in-plane", type=int, default=384, help="matrix cap of the phantom test cases")
     t.add_argument("--real-case", default=None, help="optional real case folder evaluated for the card")
     t.add_argument("--version", default="1.0.0")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])

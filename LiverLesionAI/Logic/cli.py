@@ -184,7 +184,8 @@ def _progress_emitter(as_json, n_cases):
         return emit
     from tqdm import tqdm
 
-    bar = tqdm(total=100 * n_cases, bar_format="{l_bar}{bar}| {elapsed}", file=sys.stderr, leave=False)
+    bar = tqdm(total=100 * n_cases, bar_format="{l_bar}{bar}| {elapsed}", file=sys.stderr, leave=False,
+               disable=None)  # no bar when stderr is not a terminal (logs, CI)
 
     def emit(case, fraction, message):
         bar.n = int(100 * (case + fraction))

@@ -49,8 +49,8 @@ from .networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionCl
 from .preprocessing import VIEWS, canonical_grid, normalize_hu, to_view
 from .records import LESION_TYPES
 from .training import (
-    TRAIN_SEED_BASE, PhantomSource, _intensity_augment, _liver_prior, classifier_samples, dice_ce_loss,
-    lesion_pixel_weights, lesion_view_inputs, lesion_view_vectors, resolve_device, stage2_batch, train_head,
+    TRAIN_SEED_BASE, PhantomSource, _intensity_augment, _liver_prior, classifier_samples,
+    lesion_pixel_weights, lesion_view_inputs, lesion_view_vectors, resolve_device, stage2_batch, train_head, train_step,
 )
 
 # Exported label values are the stage-2 classes: 0 outside, 1 liver, 2.. lesion types in LESION_TYPES order.
@@ -436,19 +436,13 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                     batch = stage2_batch(replay, cfg, rng, settings.batch, settings.crop, per_block=2)
                 else:
                     batch = case_batch(prepared, cfg, rng, settings)
-                batch = [b.to(device) for b in batch]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(batch[0])
-                loss = dice_ce_loss(logits.float(), *batch[1:])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item()
+                loss = train_step(model, optimizer, batch, device)
+                loss_sum += loss
                 step_done += 1
                 train_seconds += time.time() - t0
                 report(0.1 + 0.75 * step_done / total_steps,
-                       f"Phase {phase} ({stage_name}), epoch {epoch}/{total_epochs}, loss {loss.item():.3f}",
-                       f"phase {phase}", epoch=epoch, loss=loss.item(), eta_s=eta(total_epochs - epoch + 1))
+                       f"Phase {phase} ({stage_name}), epoch {epoch}/{total_epochs}, loss {loss:.3f}",
+                       f"phase {phase}", epoch=epoch, loss=loss, eta_s=eta(total_epochs - epoch + 1))
             check_cancel()
             val_dice = score = 0.0
             if is_main:

@@ -177,6 +177,18 @@ def _save_checkpoint(path, payload):
     os.replace(tmp, path)
 
 
+def train_step(net, optimizer, batch, device) -> float:
+    """One optimiser step on (x, target[, weights]); bf16 autocast on CUDA. Returns the loss."""
+    batch = [b.to(device) for b in batch]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = net(batch[0])
+    loss = dice_ce_loss(logits.float(), *batch[1:])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=print, checkpoint_every=50,
                   param_groups=None, cancel=None):
     """Generic resumable loop; ``make_batch(rng)`` returns (x, target[, weights])."""
@@ -203,16 +215,10 @@ def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=pr
     while step < steps:
         if cancel is not None and cancel():
             break
-        batch = [b.to(device) for b in make_batch(rng)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = net(batch[0])
-        loss = dice_ce_loss(logits.float(), *batch[1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(net, optimizer, make_batch(rng), device)
         schedule.step()
         step += 1
-        loss_sum += loss.item()
+        loss_sum += loss
         if step % 10 == 0 or step == steps:
             history.append({"step": step, "loss": loss_sum / 10, "seconds": round(time.time() - t0, 1)})
             log(f"[{name}] step {step}/{steps} loss {loss_sum / 10:.4f} ({time.time() - t0:.0f} s)")

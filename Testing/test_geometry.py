@@ -79,3 +79,19 @@ def test_sub_grid_matches_positions():
     x, y, z = grid.axes()
     sx, sy, sz = sub.axes()
     assert np.allclose(sx, x[slices[2]]) and np.allclose(sy, y[slices[1]]) and np.allclose(sz, z[slices[0]])
+
+
+def test_nonzero_box_matches_find_objects():
+    from scipy import ndimage
+
+    from liverlesionai.geometry import nonzero_box
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a = np.zeros((9, 11, 13), np.uint8)
+        b = np.zeros((9, 11, 13), np.uint16)
+        for array in (a, b):
+            for _ in range(rng.integers(0, 3)):
+                array[tuple(rng.integers(0, n) for n in array.shape)] = rng.integers(1, 5)
+        expected = ndimage.find_objects(((a > 0) | (b > 0)).astype(np.uint8))
+        assert nonzero_box(a, b) == (expected[0] if expected else None)

@@ -131,8 +131,8 @@ def _check_outdir(outdir: Path):
 
 
 def cmd_segment(args):
-    from .engine import LiverLesionEngine
-    from .report import format_lesion_table
+    from concurrent.futures import ThreadPoolExecutor
+
     from .volume_io import read_ct
 
     outdir = Path(args.output)
@@ -140,6 +140,21 @@ def cmd_segment(args):
     _check_outdir(outdir)
     for path in recover_interrupted_outputs(outdir):
         print(f"removed {path.name}: left incomplete by an interrupted run", file=sys.stderr)
+    # The first CT is read on a second core while torch loads and the model is read (~0.5 s less
+    # waiting); later inputs are read in turn, so at most one CT waits in memory.
+    with ThreadPoolExecutor(1) as reader:
+        first_ct = reader.submit(read_ct, inputs[0], series_uid=args.series_uid)
+        try:
+            return _segment_inputs(args, outdir, inputs, first_ct)
+        finally:
+            first_ct.cancel()
+
+
+def _segment_inputs(args, outdir, inputs, first_ct):
+    from .engine import LiverLesionEngine
+    from .report import format_lesion_table
+    from .volume_io import read_ct
+
     engine = LiverLesionEngine(args.model, device=args.device, threads=args.threads)
     emit = _progress_emitter(args.progress_json, len(inputs))
     failures = 0
@@ -151,7 +166,7 @@ def cmd_segment(args):
                 raise OutputError(f"{outdir} already holds {', '.join(clashes)}; choose another output folder "
                                   "(LiverLesionAI never overwrites results).")
             emit(n, 0.0, f"Reading {path.name}")
-            ct = read_ct(path, series_uid=args.series_uid)
+            ct = first_ct.result() if n == 0 else read_ct(path, series_uid=args.series_uid)
             started = time.perf_counter()
             result = engine.segment(ct, progress=lambda f, m: emit(n, 0.05 + 0.85 * f, m), force=args.force)
             seconds = time.perf_counter() - started

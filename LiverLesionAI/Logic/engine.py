@@ -194,27 +194,30 @@ class LiverLesionEngine:
         evidence2 = {int(remap[k]): e for k, e in evidence2.items()}
         liver_fg = (probs2[1:].astype(np.float32).sum(0)) * liver_region
         lesion_fg = lesion_prob2 * (instances2 > 0)
+        # Everything is mapped inside the stage-2 box of the canonical grid, then placed once.
         sub, slices = sub_grid(canon.grid, *grid_bounds(g2))
         liver_c = np.zeros(canon.grid.shape, np.uint8)
         inst_c = np.zeros(canon.grid.shape, np.uint16)
+        voxel_mm3 = abs(np.linalg.det(ct.ijk_to_ras[:3, :3]))
+        type_probs, evidence, liver_voxels = {}, {}, 0
         if sub is not None:
             liver_in = resample_separable(liver_fg, g2, sub, 1) > 0.5
             lesion_in = resample_separable(lesion_fg, g2, sub, 1) > 0.5
             grown = ndimage.grey_dilation(instances2, size=(3, 3, 3))
             grown = np.where(instances2 > 0, instances2, grown)
             inst_in = resample_separable(grown, g2, sub, 0, cval=0, dtype=np.uint16) * lesion_in
-            liver_c[slices] = liver_in & ~lesion_in
-            inst_c[slices] = inst_in
+            kept_in, type_probs, evidence = _renumber_by_volume(inst_in, type_probs2, evidence2,
+                                                                MIN_LESION_MM3 / voxel_mm3)
+            organ_in = liver_in | (inst_in > 0)  # specks too small to report stay liver
+            liver_c[slices] = organ_in & (kept_in == 0)
+            inst_c[slices] = kept_in
+            liver_voxels = int(organ_in.sum())
         liver_mask = canon.to_input(liver_c)
         instances = canon.to_input(inst_c)
-        voxel_mm3 = abs(np.linalg.det(ct.ijk_to_ras[:3, :3]))
-        instances, type_probs, evidence = _renumber_by_volume(instances, type_probs2, evidence2,
-                                                              MIN_LESION_MM3 / voxel_mm3)
 
         progress(0.9, "Measuring lesions")
         records = build_lesion_records(ct.voxels, instances, ct.ijk_to_ras, type_probs)
-        liver_mask[(liver_mask == 0) & (canon.to_input(inst_c) > 0) & (instances == 0)] = 1  # dropped specks
-        liver_ml = float((liver_mask > 0).sum() + (instances > 0).sum()) * voxel_mm3 / 1000
+        liver_ml = liver_voxels * voxel_mm3 / 1000
         messages = list(warnings) + notes
         if not records:
             messages.append("No liver lesions found.")

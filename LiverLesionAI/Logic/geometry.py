@@ -143,3 +143,21 @@ def sub_grid(grid: Grid, lo, hi):
 
 def grid_bounds(grid: Grid):
     return ras_bounds(grid.shape, grid.ijk_to_ras)
+
+
+def nonzero_box(*arrays):
+    """Index slices of the box holding every nonzero voxel of the (same-shape) arrays, or None.
+
+    Two reductions per array instead of a full-volume argwhere or unique: masks fill a small part
+    of a CT, so later work is done inside the box.
+    """
+    along_k, in_plane = None, None
+    for array in arrays:
+        k = array.any(axis=(1, 2))
+        ji = array.any(axis=0)
+        along_k = k if along_k is None else along_k | k
+        in_plane = ji if in_plane is None else in_plane | ji
+    if along_k is None or not along_k.any():
+        return None
+    spans = [np.flatnonzero(along_k), np.flatnonzero(in_plane.any(axis=1)), np.flatnonzero(in_plane.any(axis=0))]
+    return tuple(slice(int(s[0]), int(s[-1]) + 1) for s in spans)

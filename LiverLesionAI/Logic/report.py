@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from .errors import OutputError
+from .geometry import nonzero_box
 from .records import (
     LESION_TYPE_COLORS,
     LESION_TYPES,
@@ -136,12 +137,18 @@ def _ras_bounds(box: tuple[slice, slice, slice], ijk_to_ras: np.ndarray):
     return ras.min(axis=0), ras.max(axis=0)
 
 
-def _point_inside(instances: np.ndarray, lesion_id: int, ijk_to_ras: np.ndarray) -> np.ndarray:
-    """RAS of the lesion voxel closest to its centroid (the centroid may lie outside a curved lesion)."""
-    kji = np.argwhere(instances == lesion_id).astype(np.float64)
+def _point_inside(instances: np.ndarray, lesion_id: int, box, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """RAS of the lesion voxel closest to its centroid (the centroid may lie outside a curved lesion);
+    ``box``: index slices holding the lesion."""
+    kji = np.argwhere(instances[box] == lesion_id).astype(np.float64) + [s.start for s in box]
     centre = kji.mean(axis=0)
     nearest = kji[np.argmin(((kji - centre) ** 2).sum(axis=1))]
     return (ijk_to_ras @ np.array([*nearest[::-1], 1.0]))[:3]
+
+
+def _offset(inner, outer):
+    """Slices ``inner`` of a sub-volume taken at ``outer``, as slices of the whole volume."""
+    return tuple(slice(i.start + o.start, i.stop + o.start) for i, o in zip(inner, outer))
 
 
 def _sample(volume, ras_points: np.ndarray, ras_to_ijk: np.ndarray, order: int, cval: float):
@@ -176,14 +183,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _render_panel(hu, liver_organ, instances, colours, ras_to_ijk, grid, caption, font) -> Image.Image:
+def _render_panel(hu, liver_mask, instances, colours, ras_to_ijk, grid, caption, font) -> Image.Image:
     ct = _sample(hu, grid, ras_to_ijk, order=1, cval=AIR_HU)
     width, level = WINDOW_LEVEL_HU
     grey = np.clip((ct - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    liver = _sample(liver_organ, grid, ras_to_ijk, order=0, cval=0) != 0
-    rgb[_outline(liver)] = _rgb255(LIVER_COLOR)
     lesions = _sample(instances, grid, ras_to_ijk, order=0, cval=0)
+    liver = (_sample(liver_mask, grid, ras_to_ijk, order=0, cval=0) != 0) | (lesions != 0)  # the organ
+    rgb[_outline(liver)] = _rgb255(LIVER_COLOR)
     labels = []
     for lid, box in enumerate(ndimage.find_objects(lesions), start=1):
         if box is None:
@@ -216,8 +223,8 @@ def render_overview_png(path, hu: np.ndarray, ijk_to_ras, result: SegmentationRe
     if m.shape != (4, 4):
         raise ValueError(f"ijk_to_ras must be a 4x4 matrix, got shape {m.shape}.")
     instances = np.asarray(result.lesion_instances)
-    liver_organ = (np.asarray(result.liver_mask) != 0) | (instances != 0)
-    if not (hu.shape == instances.shape == liver_organ.shape):
+    liver_mask = np.asarray(result.liver_mask)
+    if not (hu.shape == instances.shape == liver_mask.shape):
         raise ValueError(
             f"CT {hu.shape}, liver mask {np.shape(result.liver_mask)} and lesion map {instances.shape} "
             "must have the same size."
@@ -227,26 +234,29 @@ def render_overview_png(path, hu: np.ndarray, ijk_to_ras, result: SegmentationRe
                for r in result.lesions}
 
     # Field of view: the liver with a margin, else the whole scan.
-    organ_box = ndimage.find_objects(liver_organ.astype(np.uint8))
-    box = organ_box[0] if organ_box else tuple(slice(0, n) for n in hu.shape)
+    organ_box = nonzero_box(liver_mask, instances)
+    box = organ_box or tuple(slice(0, n) for n in hu.shape)
     lo, hi = _ras_bounds(box, m)
     # A cube around it, so axial and coronal panels share one scale and both fill their square.
     half = float((hi - lo).max()) / 2 + FOV_MARGIN_MM
     lo, hi = (lo + hi) / 2 - half, (lo + hi) / 2 + half
     step = max(VIEW_SPACING_MM, 2 * half / PANEL_PX)
 
-    present = set(np.unique(instances[instances != 0]).tolist()) if instances.any() else set()
+    in_box = instances[box]
+    sizes = np.bincount(in_box.ravel())
+    present = {int(i) for i in np.flatnonzero(sizes) if i > 0}
     largest = sorted((r for r in result.lesions if r.lesion_id in present),
                      key=lambda r: (-r.voxel_count, r.lesion_id))[:MAX_OVERVIEW_LESIONS]
     if not largest and present:  # lesions without records: still show them
-        sizes = {i: int(c) for i, c in enumerate(np.bincount(instances.ravel())) if i in present}
         ids = sorted(present, key=lambda i: -sizes[i])[:MAX_OVERVIEW_LESIONS]
     else:
         ids = [r.lesion_id for r in largest]
     if ids:
-        centres = [(f"lesion {lid}", _point_inside(instances, lid, m)) for lid in ids]
+        lesion_boxes = ndimage.find_objects(in_box, max_label=max(ids))
+        centres = [(f"lesion {lid}", _point_inside(instances, lid, _offset(lesion_boxes[lid - 1], box), m))
+                   for lid in ids]
     else:
-        centres = [("liver centre" if liver_organ.any() else "scan centre", (lo + hi) / 2)]
+        centres = [("liver centre" if organ_box else "scan centre", (lo + hi) / 2)]
 
     font = _font(14)
     rows = len(centres)
@@ -254,7 +264,7 @@ def render_overview_png(path, hu: np.ndarray, ijk_to_ras, result: SegmentationRe
     for row, (what, centre) in enumerate(centres):
         for col, kind in enumerate(("axial", "coronal")):
             grid = _view_grid(kind, centre, lo, hi, step)
-            panel = _render_panel(hu, liver_organ, instances, colours, ras_to_ijk, grid,
+            panel = _render_panel(hu, liver_mask, instances, colours, ras_to_ijk, grid,
                                   f"{kind} through {what}  (R on left)", font)
             canvas.paste(panel, (col * PANEL_PX, TITLE_PX + row * PANEL_PX))
 

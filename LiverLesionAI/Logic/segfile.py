@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
+from .geometry import nonzero_box
 from .records import LESION_TYPES, REVIEW_STATUSES, LesionRecord, SegmentationResult
 from .terminology import kind_from_terminology_string, recommended_color, terminology_entry_string
 from .volume_io import write_file_atomically
@@ -78,22 +79,26 @@ def _labelmap_and_segments(result: SegmentationResult) -> tuple[np.ndarray, list
     ids = [int(rec.lesion_id) for rec in result.lesions]
     if len(set(ids)) != len(ids) or any(i <= 0 for i in ids):
         raise ValueError(f"lesion ids must be distinct positive integers, got {ids}")
-    present = np.unique(instances)
-    orphans = sorted(set(int(v) for v in present[present > 0]) - set(ids))
-    if orphans:
-        raise ValueError(f"lesion_instances holds lesion ids without a LesionRecord: {orphans}")
-
+    box = nonzero_box(liver, instances)
     dtype = np.uint8 if len(ids) + 1 <= 255 else np.uint16
-    labels = np.where(liver > 0, LIVER_LABEL, 0).astype(dtype)
-    if ids:
-        lookup = np.zeros(max(ids + [int(present.max())]) + 1, dtype=dtype)
-        for index, lesion_id in enumerate(ids):
-            lookup[lesion_id] = LIVER_LABEL + 1 + index
-        np.copyto(labels, lookup[instances], where=instances > 0)  # lesions are not liver parenchyma
+    labels = np.zeros(liver.shape, dtype)
+    if box is not None:
+        liver_box, instances_box = liver[box], instances[box]
+        present = np.flatnonzero(np.bincount(instances_box.ravel()))
+        orphans = sorted(set(int(v) for v in present[present > 0]) - set(ids))
+        if orphans:
+            raise ValueError(f"lesion_instances holds lesion ids without a LesionRecord: {orphans}")
+        labels_box = (liver_box > 0).astype(dtype) * dtype(LIVER_LABEL)
+        if ids:
+            lookup = np.zeros(max(ids + [int(present.max())]) + 1, dtype=dtype)
+            for index, lesion_id in enumerate(ids):
+                lookup[lesion_id] = LIVER_LABEL + 1 + index
+            np.copyto(labels_box, lookup[instances_box], where=instances_box > 0)  # lesions are not parenchyma
+        labels[box] = labels_box
 
     # Slicer takes the extent of the first segment of a layer for the whole layer (and writes the
     # layer's extent for each segment): give every segment the extent of all labelled voxels.
-    boxes = [ndimage.find_objects((labels > 0).astype(np.uint8), max_label=1)[0]] * (len(ids) + 1)
+    boxes = [box] * (len(ids) + 1)
     model_tag = {"ModelVersion": result.model_version} if result.model_version else {}
     segments = [{
         "ID": LIVER_SEGMENT_ID, "Name": "Liver", "Color": recommended_color("liver"), "LabelValue": LIVER_LABEL,

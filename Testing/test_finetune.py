@@ -29,9 +29,10 @@ from liverlesionai.registry import ModelRegistry
 torch.set_num_threads(1)
 TINY = (4, 8, 16, 32)
 FAST = dict(epochs_frozen=1, epochs_unfrozen=1, steps_per_epoch=2, batch=2, crop=32, replay_fraction=0.0,
-            classifier_epochs=2, classifier_views_per_lesion=1, classifier_replay_lesions=0)
+            classifier_epochs=2, classifier_views_per_lesion=1, classifier_replay_lesions=0, guard_cases=1,
+            guard_max_in_plane=64)
 FAST_CLI = ["--epochs", "2", "--steps-per-epoch", "2", "--batch", "2", "--crop", "32", "--no-replay",
-            "--threads", "1"]
+            "--threads", "1", "--guard-cases", "0"]
 
 
 def _tiny_model(folder: Path) -> Path:
@@ -115,6 +116,8 @@ def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
     val = card["validation"]
     assert len(val["cases"]) == 1 and val["cases"][0] not in card["training_cases"]
     assert {"lesion_dice", "liver_dice"} <= set(val["parent"]) and set(val["parent"]) == set(val["new"])
+    # the original-domain guard is measured for both and compared like the other metrics
+    assert {"original_domain_lesion_dice", "original_domain_liver_dice"} <= set(val["new"])
     comparison = registry.compare(version)
     assert comparison.comparable and comparison.same_cases
     stages = {p.stage for p in seen}
@@ -239,3 +242,38 @@ def test_torchrun_two_processes_gloo(world):
     assert [v.version for v in registry.list_versions()] == ["shipped", "v0001"]  # only rank 0 saved
     card = json.loads((registry.model_dir("v0001") / "model_card.json").read_text())
     assert card["hyperparameters"]["world_size"] == 2
+
+
+def test_selection_never_prefers_an_epoch_that_forgot_the_original_domain():
+    from liverlesionai.finetune import _selection_score
+
+    parent = {"lesion_dice": 0.2, "liver_dice": 0.9, "original_domain_lesion_dice": 0.50}
+    forgot = {"lesion_dice": 0.6, "liver_dice": 0.9, "original_domain_lesion_dice": 0.47}  # -3 points
+    kept = {"lesion_dice": 0.4, "liver_dice": 0.9, "original_domain_lesion_dice": 0.49}  # -1 point
+    score = lambda m: _selection_score(m, parent, max_guard_drop=0.02)  # noqa: E731
+    assert score(kept) > _selection_score(parent) > score(forgot)
+    no_guard = {"lesion_dice": 0.6, "liver_dice": 0.9}
+    assert score(no_guard) > score(kept)  # without guard metrics, plain lesion Dice decides
+
+
+def test_distillation_pulls_towards_the_teacher():
+    from liverlesionai.training import distillation_loss, train_step
+
+    torch.manual_seed(0)
+    net = UNet2p5D(UNetConfig(4, 5, TINY))
+    teacher = UNet2p5D(UNetConfig(4, 5, TINY)).eval()
+    teacher.load_state_dict(net.state_dict())
+    net.eval()  # same BatchNorm behaviour as the teacher: identical outputs
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        assert distillation_loss(net(x), teacher(x)).item() == pytest.approx(0.0, abs=1e-6)
+        assert distillation_loss(net(x), -teacher(x)).item() > 0.01
+    batch = (x, torch.randint(0, 5, (2, 32, 32)), torch.ones(2, 32, 32))
+    loss_plain = train_step(net, torch.optim.SGD(net.parameters(), lr=0.0), batch, torch.device("cpu"))
+    loss_same = train_step(net, torch.optim.SGD(net.parameters(), lr=0.0), batch, torch.device("cpu"), teacher)
+    assert loss_same == pytest.approx(loss_plain, abs=1e-5)  # KL to an identical teacher adds nothing
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    loss_other = train_step(net, torch.optim.SGD(net.parameters(), lr=0.0), batch, torch.device("cpu"), teacher)
+    assert loss_other > loss_plain + 1e-3

@@ -80,6 +80,18 @@ class FinetuneSettings:
     # benchmarks/results/finetune_domain_shift_replay50.json, so the forgetting is not a replay problem
     replay_fraction: float = 0.25
     patience: int = 2  # epochs without validation improvement before stopping
+    # BatchNorm running statistics stay the parent's: a few cases of one domain otherwise re-centre
+    # every layer on that domain and the original one is lost
+    freeze_norm_statistics: bool = True
+    # on replay batches the student is also pulled towards the parent's pixel probabilities
+    # (learning without forgetting); 0 turns it off
+    distill_weight: float = 1.0
+    # original-domain guard: phantoms of the parent's training domain (validation seeds) are segmented
+    # after every epoch; an epoch whose lesion Dice there falls more than max_guard_drop below the
+    # parent's is never selected, so a version cannot trade the original domain for the new one
+    guard_cases: int = 4
+    guard_max_in_plane: int = 256
+    max_guard_drop: float = 0.02
     validation_fraction: float = 0.2
     classifier_epochs: int = 60
     classifier_views_per_lesion: int = 6
@@ -220,25 +232,55 @@ def _truth_from_label(label):
     return {"liver_mask": (label > 0).astype(np.uint8), "lesion_instances": instances, "lesion_types": types}
 
 
-def validation_metrics(engine, cases) -> dict:
-    """Engine output vs. the exported labels: lesion Dice (pooled), liver Dice, type accuracy, detection F1."""
+GUARD_PREFIX = "original_domain_"  # metric names of the original-domain guard in the model card
+
+
+def _metrics(engine, cases) -> dict:
+    """Engine output vs. truth for (case id, CTVolume, truth dict) triples: lesion Dice (pooled),
+    liver Dice, type accuracy, detection F1."""
     results = []
-    for case in cases:
-        ct = case.load_image()
+    for case_id, ct, truth in cases:
         pred = engine.segment(ct)
         pred_case = {"liver_mask": pred.liver_mask, "lesion_instances": pred.lesion_instances,
                      "lesion_types": {r.lesion_id: r.lesion_type for r in pred.lesions}}
-        results.append(evaluate_case(pred_case, _truth_from_label(case.load_label()), ct.ijk_to_ras,
-                                     case_id=case.case_id))
+        results.append(evaluate_case(pred_case, truth, ct.ijk_to_ras, case_id=case_id))
     s = aggregate(results)
     out = {"lesion_dice": s["global_lesion_dice"], "liver_dice": s["mean_liver_dice"],
            "detection_f1": s["detection"]["f1"], "type_accuracy": s["type_accuracy"]}
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
-def _selection_score(metrics):
-    """Early stopping on lesion Dice; liver Dice only breaks ties (few validation cases often tie at 0 or 1)."""
-    return metrics.get("lesion_dice", 0.0) + 0.01 * metrics.get("liver_dice", 0.0)
+def validation_metrics(engine, cases, guard=()) -> dict:
+    """Metrics on the held-out exported cases, plus ``original_domain_*`` metrics on the guard phantoms."""
+    metrics = _metrics(engine, ((c.case_id, c.load_image(), _truth_from_label(c.load_label())) for c in cases))
+    if guard:
+        metrics.update({GUARD_PREFIX + k: v for k, v in _metrics(engine, guard).items()})
+    return metrics
+
+
+def guard_phantoms(n, max_in_plane):
+    """Original-domain phantoms (validation seeds, never trained on) with their truth."""
+    from .phantom import generate_phantom_ct
+    from .training import VALIDATION_SEED_BASE
+
+    cases = []
+    for seed in range(VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + n):
+        ct, truth = generate_phantom_ct(seed, max_in_plane=max_in_plane)
+        cases.append((f"phantom_{seed}", ct, {"liver_mask": truth.liver_mask, "lesion_instances":
+                                              truth.lesion_instances, "lesion_types": truth.lesion_types}))
+    return cases
+
+
+def _selection_score(metrics, parent_metrics=None, max_guard_drop=0.02):
+    """Early stopping on lesion Dice (liver Dice only breaks ties: few validation cases often tie at 0
+    or 1); an epoch that lost more than ``max_guard_drop`` lesion Dice on the original-domain guard
+    scores below any eligible one."""
+    score = metrics.get("lesion_dice", 0.0) + 0.01 * metrics.get("liver_dice", 0.0)
+    key = GUARD_PREFIX + "lesion_dice"
+    if parent_metrics and key in metrics and key in parent_metrics \
+            and metrics[key] < parent_metrics[key] - max_guard_drop:
+        score -= 10.0
+    return score
 
 
 def _engine_with(engine, stage2_state, head_state):
@@ -317,7 +359,7 @@ def _broadcast_float(value, world, device):
     return float(t.item())
 
 
-def _set_phase(net: UNet2p5D, phase: str, unfreeze_from: int):
+def _set_phase(net: UNet2p5D, phase: str, unfreeze_from: int, freeze_norm_statistics: bool):
     """Freeze / unfreeze encoder stages; frozen stages also keep their BatchNorm statistics."""
     for i, stage in enumerate(net.encoder.stages):
         trainable = phase == "B" and i >= unfreeze_from
@@ -327,6 +369,10 @@ def _set_phase(net: UNet2p5D, phase: str, unfreeze_from: int):
     net.decoder.train(True)
     for p in net.decoder.parameters():
         p.requires_grad_(True)
+    if freeze_norm_statistics:
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,18 +424,24 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
     head = LesionClassifierHead(cfg.stage2.features)
     head.load_state_dict(part("classifier"))
 
-    engine = None
+    engine, guard = None, ()
     parent_metrics, validation_seconds = {}, 0.0
     if is_main:
         from .engine import LiverLesionEngine
 
         engine = LiverLesionEngine(parent_dir, device=str(device.type))
         report(0.08, "Measuring the current model on the validation cases", "validate")
+        guard = guard_phantoms(settings.guard_cases, settings.guard_max_in_plane)
         t0 = time.time()
-        parent_metrics = validation_metrics(engine, val_cases)
+        parent_metrics = validation_metrics(engine, val_cases, guard)
         validation_seconds = time.time() - t0
         log(f"parent {parent_version} validation: {parent_metrics}")
     best_score = _broadcast_float(_selection_score(parent_metrics), world, device)
+    teacher = None
+    if settings.distill_weight > 0 and settings.replay_fraction > 0:
+        teacher = copy.deepcopy(net).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     best_state, best_epoch = copy.deepcopy(net.state_dict()), 0
 
     rng = np.random.default_rng(settings.seed * 1000 + rank)
@@ -409,7 +461,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         bad_epochs = 0
         if phase == "B":
             net.load_state_dict(best_state)  # phase B continues from the best weights so far
-        _set_phase(net, phase, settings.unfreeze_from_stage)
+        _set_phase(net, phase, settings.unfreeze_from_stage, settings.freeze_norm_statistics)
         groups = [{"params": [p for p in net.decoder.parameters()], "lr": settings.lr}]
         enc = [p for p in net.encoder.parameters() if p.requires_grad]
         if enc:
@@ -434,9 +486,10 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                     g["lr"] = base * 0.5 * (1 + math.cos(math.pi * k / phase_steps))
                 if replay is not None and rng.random() < settings.replay_fraction:
                     batch = stage2_batch(replay, cfg, rng, settings.batch, settings.crop, per_block=2)
+                    loss = train_step(model, optimizer, batch, device, teacher, settings.distill_weight)
                 else:
                     batch = case_batch(prepared, cfg, rng, settings)
-                loss = train_step(model, optimizer, batch, device)
+                    loss = train_step(model, optimizer, batch, device)
                 loss_sum += loss
                 step_done += 1
                 train_seconds += time.time() - t0
@@ -448,13 +501,15 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             if is_main:
                 net.eval()
                 report(0.1 + 0.75 * step_done / total_steps, f"Validating epoch {epoch}", "validate", epoch=epoch)
-                metrics = validation_metrics(_engine_with(engine, net.state_dict(), head.state_dict()), val_cases)
-                val_dice, score = metrics.get("lesion_dice", 0.0), _selection_score(metrics)
+                metrics = validation_metrics(_engine_with(engine, net.state_dict(), head.state_dict()), val_cases,
+                                             guard)
+                val_dice = metrics.get("lesion_dice", 0.0)
+                score = _selection_score(metrics, parent_metrics, settings.max_guard_drop)
                 history.append({"epoch": epoch, "phase": phase, "loss": loss_sum / settings.steps_per_epoch,
                                 **metrics})
                 log(f"epoch {epoch} phase {phase}: loss {loss_sum / settings.steps_per_epoch:.4f} val {metrics}")
             val_dice, score = _broadcast_float(val_dice, world, device), _broadcast_float(score, world, device)
-            _set_phase(net, phase, settings.unfreeze_from_stage)
+            _set_phase(net, phase, settings.unfreeze_from_stage, settings.freeze_norm_statistics)
             report(0.1 + 0.75 * step_done / total_steps, f"Epoch {epoch}: validation lesion Dice {val_dice:.3f}",
                    f"phase {phase}", epoch=epoch, loss=loss_sum / settings.steps_per_epoch, val_dice=val_dice,
                    eta_s=eta(total_epochs - epoch))
@@ -481,7 +536,8 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         new_head = refit_head(head, feats, labels, settings.classifier_epochs, settings.seed)
         check_cancel()
         report(0.92, "Measuring the new model on the validation cases", "validate")
-        new_metrics = validation_metrics(_engine_with(engine, net.state_dict(), new_head.state_dict()), val_cases)
+        new_metrics = validation_metrics(_engine_with(engine, net.state_dict(), new_head.state_dict()), val_cases,
+                                         guard)
         check_cancel()
         new_state = dict(state)
         new_state.update({f"stage2.{k}": v.detach().cpu() for k, v in net.state_dict().items()})
@@ -558,7 +614,7 @@ def cmd_finetune(args):
     if args.epochs:
         settings.epochs_frozen = max(1, args.epochs // 2)
         settings.epochs_unfrozen = max(0, args.epochs - settings.epochs_frozen)
-    for name in ("steps_per_epoch", "batch", "crop", "seed"):
+    for name in ("steps_per_epoch", "batch", "crop", "seed", "guard_cases"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
@@ -634,6 +690,8 @@ def add_cli(sub):
     f.add_argument("--crop", type=int, default=None, help="training crop size in pixels")
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--no-replay", action="store_true", help="train on the exported cases only")
+    f.add_argument("--guard-cases", type=int, default=None,
+                   help="original-domain phantoms checked after every epoch (default 4; 0: no guard)")
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     f.add_argument("--threads", type=int, default=None)
     f.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")

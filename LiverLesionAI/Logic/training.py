@@ -177,12 +177,26 @@ def _save_checkpoint(path, payload):
     os.replace(tmp, path)
 
 
-def train_step(net, optimizer, batch, device) -> float:
-    """One optimiser step on (x, target[, weights]); bf16 autocast on CUDA. Returns the loss."""
+def distillation_loss(logits, teacher_logits):
+    """Mean per-pixel KL divergence from the teacher's class probabilities to the student's."""
+    return F.kl_div(logits.float().log_softmax(1), teacher_logits.float().log_softmax(1), log_target=True,
+                    reduction="none").sum(1).mean()
+
+
+def train_step(net, optimizer, batch, device, teacher=None, distill_weight=1.0) -> float:
+    """One optimiser step on (x, target[, weights]); bf16 autocast on CUDA. Returns the loss.
+
+    ``teacher``: a frozen network whose pixel probabilities the student is also pulled towards
+    (fine-tuning: keeps what the parent model did well on its own domain)."""
     batch = [b.to(device) for b in batch]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = net(batch[0])
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(batch[0])
     loss = dice_ce_loss(logits.float(), *batch[1:])
+    if teacher is not None:
+        loss = loss + distill_weight * distillation_loss(logits, teacher_logits)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -98,3 +98,29 @@ def test_shipped_model_on_real_ct(shipped_model_dir):
 
 
 REAL_LIVER_DICE_FLOOR = 0.85
+
+
+def test_bfloat16_and_float32_agree_on_real_ct(shipped_model_dir):
+    """precision="auto" (bfloat16 networks where the CPU runs them natively) keeps the float32 result."""
+    import torch
+
+    from liverlesionai.datasets import EvaluationCase
+    from liverlesionai.engine import native_bf16
+
+    if not REAL_CASE.exists():
+        pytest.skip("real case not available")
+    if not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bfloat16: 'auto' is float32 here")
+    ct = EvaluationCase("case_01", REAL_CASE).load_image()
+    fast = LiverLesionEngine(shipped_model_dir, device="cpu", precision="auto").segment(ct)
+    exact = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32").segment(ct)
+
+    def dice(a, b):
+        return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+    organ = lambda r: (r.liver_mask > 0) | (r.lesion_instances > 0)  # noqa: E731
+    assert dice(organ(fast), organ(exact)) >= 0.995
+    assert dice(fast.lesion_instances > 0, exact.lesion_instances > 0) >= 0.97
+    assert abs(len(fast.lesions) - len(exact.lesions)) <= 1
+    with pytest.raises(ValueError, match="precision"):
+        LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp16")

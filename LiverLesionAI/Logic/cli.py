@@ -131,8 +131,8 @@ def _check_outdir(outdir: Path):
 
 
 def cmd_segment(args):
-    from concurrent.futures import ThreadPoolExecutor
-
+    from .engine import LiverLesionEngine
+    from .report import format_lesion_table
     from .volume_io import read_ct
 
     outdir = Path(args.output)
@@ -140,22 +140,7 @@ def cmd_segment(args):
     _check_outdir(outdir)
     for path in recover_interrupted_outputs(outdir):
         print(f"removed {path.name}: left incomplete by an interrupted run", file=sys.stderr)
-    # The first CT is read on a second core while torch loads and the model is read (~0.5 s less
-    # waiting); later inputs are read in turn, so at most one CT waits in memory.
-    with ThreadPoolExecutor(1) as reader:
-        first_ct = reader.submit(read_ct, inputs[0], series_uid=args.series_uid)
-        try:
-            return _segment_inputs(args, outdir, inputs, first_ct)
-        finally:
-            first_ct.cancel()
-
-
-def _segment_inputs(args, outdir, inputs, first_ct):
-    from .engine import LiverLesionEngine
-    from .report import format_lesion_table
-    from .volume_io import read_ct
-
-    engine = LiverLesionEngine(args.model, device=args.device, threads=args.threads)
+    engine = LiverLesionEngine(args.model, device=args.device, threads=args.threads, precision=args.precision)
     emit = _progress_emitter(args.progress_json, len(inputs))
     failures = 0
     for n, path in enumerate(inputs):
@@ -166,7 +151,7 @@ def _segment_inputs(args, outdir, inputs, first_ct):
                 raise OutputError(f"{outdir} already holds {', '.join(clashes)}; choose another output folder "
                                   "(LiverLesionAI never overwrites results).")
             emit(n, 0.0, f"Reading {path.name}")
-            ct = first_ct.result() if n == 0 else read_ct(path, series_uid=args.series_uid)
+            ct = read_ct(path, series_uid=args.series_uid)
             started = time.perf_counter()
             result = engine.segment(ct, progress=lambda f, m: emit(n, 0.05 + 0.85 * f, m), force=args.force)
             seconds = time.perf_counter() - started
@@ -214,7 +199,7 @@ def _progress_emitter(as_json, n_cases):
 # ----------------------------------------------------------------------------------------------
 # evaluate
 # ----------------------------------------------------------------------------------------------
-def evaluate_model_or_predictions(source, dataset_dir, device="auto", threads=None, log=print):
+def evaluate_model_or_predictions(source, dataset_dir, device="auto", threads=None, log=print, precision="auto"):
     """Evaluate a model folder (runs the engine) or a folder of <case>.seg.nrrd predictions."""
     from .datasets import find_cases
     from .evaluation import aggregate, evaluate_case
@@ -225,7 +210,7 @@ def evaluate_model_or_predictions(source, dataset_dir, device="auto", threads=No
     engine = None
     if (source / "model_card.json").exists():
         from .engine import LiverLesionEngine
-        engine = LiverLesionEngine(source, device=device, threads=threads)
+        engine = LiverLesionEngine(source, device=device, threads=threads, precision=precision)
     elif not source.is_dir():
         raise InputError(f"{source} is neither a model folder nor a folder of .seg.nrrd predictions.")
     results = []
@@ -269,7 +254,8 @@ def _summary_lines(summary):
 
 
 def cmd_evaluate(args):
-    summary = evaluate_model_or_predictions(args.source, args.dataset, args.device, args.threads)
+    summary = evaluate_model_or_predictions(args.source, args.dataset, args.device, args.threads,
+                                            precision=args.precision)
     for line in _summary_lines(summary):
         print(line)
     text = json.dumps(summary, indent=1)
@@ -321,8 +307,8 @@ def cmd_demo(args):
     if not case.exists():
         write_phantom_case(case, args.seed, max_in_plane=args.max_in_plane)
     ns = argparse.Namespace(inputs=[str(case / "image.nii.gz")], output=str(out), model=args.model,
-                            device=args.device, threads=args.threads, progress_json=False, series_uid=None,
-                            force=False)
+                            device=args.device, threads=args.threads, precision=args.precision, progress_json=False,
+                            series_uid=None, force=False)
     return cmd_segment(ns)
 
 
@@ -335,6 +321,12 @@ def build_parser():
         sp.add_argument("--model", help="model folder (default: the active model of the registry)")
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+        precision_option(sp)
+
+    def precision_option(sp):
+        sp.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+                        help="auto: bfloat16 networks where the hardware runs them natively (GPU, CPUs with "
+                             "AVX512-BF16/AMX), else float32; fp32: always float32")
 
     s = sub.add_parser("segment", help="segment liver and lesions, type each lesion")
     s.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of files")
@@ -351,6 +343,7 @@ def build_parser():
     e.add_argument("--json", help="write the metrics JSON here (default: print)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     e.add_argument("--threads", type=int, default=None)
+    precision_option(e)
     e.set_defaults(func=cmd_evaluate)
 
     ph = sub.add_parser("phantoms", help="write phantom CT cases with ground truth")

@@ -50,10 +50,29 @@ def largest_component(mask):
     return labels == sizes.argmax()
 
 
-class LiverLesionEngine:
-    """Loads a model once; ``segment`` runs the whole cascade on a CT."""
+PRECISIONS = ("auto", "fp32")
 
-    def __init__(self, model=None, device: str = "auto", threads: int | None = None):
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 convolutions run natively (not emulated, which would be slower): a CUDA GPU,
+    or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+class LiverLesionEngine:
+    """Loads a model once; ``segment`` runs the whole cascade on a CT.
+
+    ``precision``: "auto" runs the segmentation networks under bfloat16 autocast where the hardware
+    does it natively (about twice as fast on such CPUs; evaluation unchanged, see README), "fp32" never.
+    """
+
+    def __init__(self, model=None, device: str = "auto", threads: int | None = None, precision: str = "auto"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        self.precision = precision
         if threads:
             torch.set_num_threads(int(threads))
         self.device = resolve_device(device)
@@ -105,7 +124,8 @@ class LiverLesionEngine:
                 try:
                     _raise_fake_oom()
                     xt = torch.from_numpy(x).to(device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    bf16 = self.precision == "auto" and native_bf16(device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         probs = net(xt).float().softmax(1).cpu().numpy()
                 except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
                     if not _is_out_of_memory(e):

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -88,6 +89,7 @@ def main(argv=None):
     p.add_argument("--steps-per-epoch", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--settings", default="{}", help="FinetuneSettings overrides as JSON")
     p.add_argument("--measure-only", action="store_true", help="evaluate the parent only")
     p.add_argument("--prepare-only", action="store_true", help="only write the phantom cases and the dataset")
     args = p.parse_args(argv)
@@ -106,8 +108,10 @@ def main(argv=None):
     if parent_dir is None and not args.prepare_only:
         sys.exit("No shipped model found; pass --model DIR.")
     log(f"parent model {parent_dir}, domain shift {domain}")
-    shifted = make_cases(work / "shifted_test", range(SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test),
-                         domain, args.max_in_plane)
+    # the domain is part of the folder name: the per-case result cache is keyed by folder name
+    domain_key = hashlib.sha256(json.dumps(domain, sort_keys=True).encode()).hexdigest()[:8]
+    shifted = make_cases(work / f"shifted_test_{domain_key}",
+                         range(SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test), domain, args.max_in_plane)
     original = make_cases(work / "original_test",
                           range(ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + args.n_test), None, args.max_in_plane)
     dataset = work / "dataset"
@@ -117,7 +121,7 @@ def main(argv=None):
     if args.prepare_only:
         return
     cache = work / "eval_cache"
-    results = {"domain": domain, "parent_model": str(parent_dir), "n_test": args.n_test,
+    results = {"domain": domain, "parent_model": str(parent_dir), "n_test": args.n_test, "precision": "auto",
                "max_in_plane": args.max_in_plane, "threads": args.threads,
                "seeds": {"exported": [EXPORT_SEED_BASE, EXPORT_SEED_BASE + args.n_export - 1],
                          "shifted_test": [SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test - 1],
@@ -132,9 +136,9 @@ def main(argv=None):
             version = done[-1]
             log(f"reusing fine-tuned {version}")
         else:
-            settings = FinetuneSettings(epochs_frozen=max(1, args.epochs // 2),
-                                        epochs_unfrozen=args.epochs - max(1, args.epochs // 2),
-                                        steps_per_epoch=args.steps_per_epoch)
+            settings = FinetuneSettings(**{"epochs_frozen": max(1, args.epochs // 2),
+                                           "epochs_unfrozen": args.epochs - max(1, args.epochs // 2),
+                                           "steps_per_epoch": args.steps_per_epoch, **json.loads(args.settings)})
             t0 = time.time()
             version = finetune(dataset, registry, "shipped", settings, args.device,
                                lambda pr: log(f"  [{pr.stage}] {pr.message}"

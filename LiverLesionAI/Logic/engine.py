@@ -66,7 +66,8 @@ class LiverLesionEngine:
     """Loads a model once; ``segment`` runs the whole cascade on a CT.
 
     ``precision``: "auto" runs the segmentation networks under bfloat16 autocast where the hardware
-    does it natively (about twice as fast on such CPUs; evaluation unchanged, see README), "fp32" never.
+    does it natively (about twice as fast on such CPUs; Dice unchanged, a lesion near the confidence
+    threshold may flip: README, Performance), "fp32" never.
     """
 
     def __init__(self, model=None, device: str = "auto", threads: int | None = None, precision: str = "auto"):

@@ -30,9 +30,9 @@ torch.set_num_threads(1)
 TINY = (4, 8, 16, 32)
 FAST = dict(epochs_frozen=1, epochs_unfrozen=1, steps_per_epoch=2, batch=2, crop=32, replay_fraction=0.0,
             classifier_epochs=2, classifier_views_per_lesion=1, classifier_replay_lesions=0, guard_cases=1,
-            guard_max_in_plane=64)
+            guard_max_in_plane=64, classifier_guard_lesions=6)
 FAST_CLI = ["--epochs", "2", "--steps-per-epoch", "2", "--batch", "2", "--crop", "32", "--no-replay",
-            "--threads", "1", "--guard-cases", "0"]
+            "--threads", "1", "--guard-cases", "0", "--guard-lesions", "0"]
 
 
 def _tiny_model(folder: Path) -> Path:
@@ -118,6 +118,14 @@ def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
     assert {"lesion_dice", "liver_dice"} <= set(val["parent"]) and set(val["parent"]) == set(val["new"])
     # the original-domain guard is measured for both and compared like the other metrics
     assert {"original_domain_lesion_dice", "original_domain_liver_dice"} <= set(val["new"])
+    # so is the re-fitted classifier, on the same original-domain lesions as the parent
+    guard = card["classifier_guard"]
+    assert guard["lesions"] == 6 and guard["kept"] in ("refit", "parent")
+    assert all(0 <= guard[k] <= 1 for k in ("parent_model", "refit_head", "parent_head"))
+    if guard["refit_head"] < guard["parent_model"] - 0.02:
+        assert guard["kept"] == "parent" or guard["parent_head"] < guard["refit_head"]
+    assert val["parent"]["original_domain_classifier_accuracy"] == guard["parent_model"]
+    assert val["new"]["original_domain_classifier_accuracy"] == guard[guard["kept"] + "_head"]
     comparison = registry.compare(version)
     assert comparison.comparable and comparison.same_cases
     stages = {p.stage for p in seen}
@@ -254,6 +262,26 @@ def test_selection_never_prefers_an_epoch_that_forgot_the_original_domain():
     assert score(kept) > _selection_score(parent) > score(forgot)
     no_guard = {"lesion_dice": 0.6, "liver_dice": 0.9}
     assert score(no_guard) > score(kept)  # without guard metrics, plain lesion Dice decides
+
+
+def test_classifier_guard_keeps_the_parent_head_when_the_refit_forgets():
+    from liverlesionai.finetune import choose_head
+
+    assert choose_head(0.80, {"refit": 0.79, "parent": 0.80}, 0.02) == "refit"  # within 2 points
+    assert choose_head(0.80, {"refit": 0.70, "parent": 0.80}, 0.02) == "parent"
+    # stage 2 changed so that the parent head no longer fits its features: the better one is kept
+    assert choose_head(0.80, {"refit": 0.70, "parent": 0.50}, 0.02) == "refit"
+
+
+def test_guard_lesions_are_the_same_on_every_call():
+    from liverlesionai.finetune import guard_lesion_features, head_accuracy
+
+    cfg = CascadeConfig(UNetConfig(5, 2, TINY), UNetConfig(4, 5, TINY), classifier_patch=32)
+    torch.manual_seed(0)
+    net, head = UNet2p5D(cfg.stage2).eval(), LesionClassifierHead(cfg.stage2.features)
+    (f1, l1), (f2, l2) = (guard_lesion_features(net, cfg, 4, "cpu") for _ in range(2))
+    assert torch.equal(l1, l2) and torch.allclose(f1, f2)
+    assert head_accuracy(head, f1, l1) == head_accuracy(head, f2, l2)
 
 
 def test_distillation_pulls_towards_the_teacher():

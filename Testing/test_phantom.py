@@ -68,7 +68,7 @@ def test_ground_truth_consistency(small_case):
         assert np.all(labels[truth.lesion_instances == lesion_id] == 2 + LESION_TYPES.index(lesion_type))
 
 
-def _render_lesion(lesion_type, seed):
+def _render_lesion(lesion_type, seed, metastasis_look="hypodense"):
     """A phantom with exactly one big lesion of a type, rendered noise-free around it."""
     rng = np.random.default_rng(seed)
     for s in range(seed, seed + 200):
@@ -76,7 +76,7 @@ def _render_lesion(lesion_type, seed):
         center = ph._liver_points(phantom, rng, 50)
         if len(center):
             break
-    lesion = ph._make_lesion(rng, 1, lesion_type, center[0], 30.0, phantom.liver_hu, 180.0, 1.0)
+    lesion = ph._make_lesion(rng, 1, lesion_type, center[0], 30.0, phantom.liver_hu, 180.0, 1.0, metastasis_look)
     phantom.lesions = [lesion]
     grid = ph.Grid(center[0] + np.array([25, 25, -25]), np.ones(3), (51, 51, 51))
     hu, tissue, instances = ph.render(phantom, grid, acquisition=False)
@@ -96,6 +96,21 @@ def test_type_signatures():
     phantom, lesion, hu, inst = _render_lesion("hemangioma", 300)
     values = hu[inst == 1]
     assert np.percentile(values, 95) > phantom.liver_hu + 20
+
+
+def test_hypervascular_metastasis_domain():
+    # the fine-tuning benchmark's "lesion look" domain: metastases brighter than the liver
+    for seed in (400, 401, 402):
+        phantom, lesion, hu, inst = _render_lesion("metastasis", seed, metastasis_look="hypervascular")
+        core = ndimage.binary_erosion(inst == 1, iterations=3)
+        assert np.median(hu[core]) > phantom.liver_hu + 10
+    shifted = ph.make_phantom(7, domain={"metastasis_look": "hypervascular"})
+    original = ph.make_phantom(7)
+    assert len(shifted.lesions) == len(original.lesions)  # same case, another lesion look
+    metastases = [lesion for lesion in shifted.lesions if lesion.lesion_type == "metastasis"]
+    assert metastases and all(lesion.core_hu > shifted.liver_hu + 15 for lesion in metastases)
+    with pytest.raises(ValueError, match="metastasis_look"):
+        ph.make_phantom(7, domain={"metastasis_look": "isodense"})
 
 
 def test_acquisition_variety():

@@ -1,7 +1,8 @@
 """Evidence that fine-tuning on a few corrected cases helps on a shifted domain without hurting the original.
 
 1. Shifted domain: phantoms drawn with ``phantom.make_phantom(domain=...)`` (default: a lower-contrast,
-   noisier acquisition: liver 60-80 HU, noise 25-35 HU, lesion contrast halved).
+   noisier acquisition: liver 60-80 HU, noise 25-35 HU, lesion contrast halved; or a lesion look, e.g.
+   ``--domain '{"metastasis_look": "hypervascular"}'``).
 2. Five shifted phantoms are exported as reviewed ("corrected") cases, ground truth as the review result.
 3. The model (default: the shipped one) is fine-tuned on them into a scratch registry (never activated).
 4. Parent and new model are evaluated with the real engine on 20 other shifted phantoms and on 20
@@ -147,7 +148,8 @@ def main(argv=None):
         new_dir = registry.model_dir(version)
         card = json.loads((new_dir / "model_card.json").read_text())
         results["finetune"] = {"version": version, "validation": card["validation"],
-                               "hyperparameters": card["hyperparameters"], "history": card.get("finetune_history")}
+                               "hyperparameters": card["hyperparameters"], "history": card.get("finetune_history"),
+                               "classifier_guard": card.get("classifier_guard")}
         log("evaluating the fine-tuned model")
         results["after"] = {"shifted": evaluate(new_dir, shifted, cache, args.device, log),
                             "original": evaluate(new_dir, original, cache, args.device, log)}

@@ -5,15 +5,18 @@ What is trained (stage 1, the coarse liver finder, is kept as in the parent):
   trained), phase B with the deeper encoder stages unfrozen at a tenth of the learning rate;
 * the lesion classifier head, re-fitted on features of the exported lesions (seen through the
   fine-tuned stage-2 encoder), starting from the parent's head and mixed with original-domain
-  phantom lesions so it does not forget the domain it was trained on.
+  phantom lesions so it does not forget the domain it was trained on; it is kept only if its type
+  accuracy on 150 other original-domain phantom lesions stays within 2 points of the parent's
+  (classifier guard), else the better of the parent's and the re-fitted head there is kept.
 Stage-2 batches mix exported cases (crops centred on lesions most of the time, random view, small
 shifts, intensity augmentation, no flips: orientation is canonical) with a share of original-domain
 phantom batches ("replay"), for the same reason. The loss is training.dice_ce_loss with
 training.lesion_pixel_weights (inverse lesion size).
 
 Validation: some exported cases (at least one, chosen by case id, deterministic) are held out; after
-each epoch the real engine segments them and early stopping keeps the epoch with the best lesion
-Dice. The card stores the parent's and the new model's metrics on these same cases.
+each epoch the real engine segments them and a few original-domain guard phantoms; early stopping
+keeps the epoch with the best lesion Dice among those that did not lose the original domain. The card
+stores the parent's and the new model's metrics on these same cases, and the classifier guard.
 
 Crash safety: nothing is written before the end; the version is written by registry.add_version
 (model_io.save_model: temp folder + atomic rename), so a cancel or kill -9 leaves the registry as it was.
@@ -59,6 +62,7 @@ assert export_mod.LABELS["liver"] == STAGE2_LIVER
 
 CROP_MARGIN_MM = 40.0  # context kept around the liver for crops
 REPLAY_SEED_BASE = TRAIN_SEED_BASE + 700_000  # original-domain phantoms for replay (not test/validation seeds)
+CLASSIFIER_GUARD_SEED_OFFSET = 100_000  # validation seeds beyond the guard phantoms and the tuning cases
 
 
 class FinetuneCancelled(LiverLesionAIError):
@@ -76,6 +80,9 @@ class FinetuneSettings:
     encoder_lr_factor: float = 0.1
     unfreeze_from_stage: int = 2  # encoder stages >= this index train in phase B
     lesion_crop_fraction: float = 0.7
+    # each crop's lesion-to-liver contrast is scaled by a factor from this range: a few exported cases
+    # show one contrast per lesion, the next patients' differ
+    lesion_contrast_range: tuple = (1.0, 1.0)
     # share of batches from original-domain phantoms; 0.5 (with lr 5e-4) forgot as much as 0.25 in
     # benchmarks/results/finetune_domain_shift_replay50.json, so the forgetting is not a replay problem
     replay_fraction: float = 0.25
@@ -96,6 +103,10 @@ class FinetuneSettings:
     classifier_epochs: int = 60
     classifier_views_per_lesion: int = 6
     classifier_replay_lesions: int = 60
+    # classifier guard: the re-fitted head is kept only if its type accuracy on original-domain phantom
+    # lesions (validation seeds) is at most max_guard_drop below the parent's; otherwise the better of
+    # the two heads on those lesions is kept
+    classifier_guard_lesions: int = 150
     seed: int = 0
 
     def to_dict(self):
@@ -187,6 +198,18 @@ def _crop(array, start, shape, cval):
     return out
 
 
+def _lesion_contrast_augment(hu, label, factor):
+    """Lesion HU moved ``factor`` times as far from the crop's median liver HU (soft-edged, so margins
+    keep their blur)."""
+    lesion = label >= STAGE2_FIRST_LESION
+    liver = label == STAGE2_LIVER
+    if factor == 1.0 or not lesion.any() or liver.sum() < 20:
+        return hu
+    reference = float(np.median(hu[liver]))
+    weight = ndimage.gaussian_filter(lesion.astype(np.float32), 1.0)
+    return (hu + weight * (factor - 1.0) * (hu - reference)).astype(np.float32)
+
+
 def case_batch(cases, cfg: CascadeConfig, rng, settings: FinetuneSettings, per_block=2):
     """Stage-2 (x, target, weights) from exported cases, shaped exactly like training.stage2_batch."""
     half = (cfg.stage2.in_channels - 1) // 2
@@ -207,6 +230,7 @@ def case_batch(cases, cfg: CascadeConfig, rng, settings: FinetuneSettings, per_b
         hu = _crop(case.hu, start, shape, -1024.0)
         lab = _crop(case.label, start, shape, 0)
         inst = _crop(case.instances, start, shape, 0)
+        hu = _lesion_contrast_augment(hu, lab, rng.uniform(*settings.lesion_contrast_range))
         hu = _intensity_augment(hu, rng) + rng.normal(0, rng.uniform(0, 6), hu.shape).astype(np.float32)
         prior = _liver_prior(lab > 0, rng, spacing)
         x = to_view(normalize_hu(hu, cfg.hu_window), view)
@@ -319,6 +343,28 @@ def lesion_features(stage2, cfg, cases, rng, views_per_lesion, device):
     if not labels:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.tensor(labels)
+
+
+def guard_lesion_features(stage2, cfg: CascadeConfig, n_lesions, device):
+    """Stage-2 features and types of ``n_lesions`` original-domain phantom lesions (validation seeds,
+    never trained on): the same lesions and views on every call."""
+    from .training import VALIDATION_SEED_BASE
+
+    source = PhantomSource(VALIDATION_SEED_BASE + CLASSIFIER_GUARD_SEED_OFFSET, reuse=2)
+    return classifier_samples(stage2, cfg, source, n_lesions, np.random.default_rng(0), device, log=lambda m: None)
+
+
+def head_accuracy(head: LesionClassifierHead, features, labels) -> float:
+    with torch.no_grad():
+        return float((head.eval().logits(features).argmax(1) == labels).float().mean())
+
+
+def choose_head(parent_accuracy, accuracies: dict, max_drop) -> str:
+    """The re-fitted head ("refit") if it stays within ``max_drop`` of the parent model's type accuracy
+    on the original-domain lesions, else whichever head is more accurate there."""
+    if accuracies["refit"] >= parent_accuracy - max_drop:
+        return "refit"
+    return max(accuracies, key=accuracies.get)
 
 
 def refit_head(head: LesionClassifierHead, features, labels, epochs, seed):
@@ -535,9 +581,29 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             feats, labels = torch.cat([feats, rf]), torch.cat([labels, rl])
         new_head = refit_head(head, feats, labels, settings.classifier_epochs, settings.seed)
         check_cancel()
+        classifier_guard = None
+        if settings.classifier_guard_lesions:
+            report(0.9, "Checking the classifier on original-domain lesions", "classifier")
+            parent_net = UNet2p5D(cfg.stage2)
+            parent_net.load_state_dict(part("stage2"))
+            parent_accuracy = head_accuracy(head, *guard_lesion_features(parent_net.to(device).eval(), cfg,
+                                                                         settings.classifier_guard_lesions, device))
+            guard_features = guard_lesion_features(net, cfg, settings.classifier_guard_lesions, device)
+            accuracies = {"refit": head_accuracy(new_head, *guard_features),
+                          "parent": head_accuracy(head, *guard_features)}
+            kept = choose_head(parent_accuracy, accuracies, settings.max_guard_drop)
+            classifier_guard = {"lesions": settings.classifier_guard_lesions, "parent_model": parent_accuracy,
+                                "refit_head": accuracies["refit"], "parent_head": accuracies["parent"], "kept": kept}
+            log(f"classifier guard: {classifier_guard}")
+            if kept == "parent":
+                new_head = head
+            check_cancel()
         report(0.92, "Measuring the new model on the validation cases", "validate")
         new_metrics = validation_metrics(_engine_with(engine, net.state_dict(), new_head.state_dict()), val_cases,
                                          guard)
+        if classifier_guard:  # compared and warned on like the other metrics
+            parent_metrics["original_domain_classifier_accuracy"] = classifier_guard["parent_model"]
+            new_metrics["original_domain_classifier_accuracy"] = classifier_guard[f"{classifier_guard['kept']}_head"]
         check_cancel()
         new_state = dict(state)
         new_state.update({f"stage2.{k}": v.detach().cpu() for k, v in net.state_dict().items()})
@@ -551,6 +617,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             "training_cases": [c.case_id for c in train_cases],
             "validation": {"cases": [c.case_id for c in val_cases], "parent": parent_metrics, "new": new_metrics},
             "finetune_history": history,
+            "classifier_guard": classifier_guard,
         })
         report(0.97, "Saving the new model version", "save")
         version = registry.add_version(new_state, new_card, parent_version)
@@ -614,7 +681,7 @@ def cmd_finetune(args):
     if args.epochs:
         settings.epochs_frozen = max(1, args.epochs // 2)
         settings.epochs_unfrozen = max(0, args.epochs - settings.epochs_frozen)
-    for name in ("steps_per_epoch", "batch", "crop", "seed", "guard_cases"):
+    for name in ("steps_per_epoch", "batch", "crop", "seed", "guard_cases", "classifier_guard_lesions"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
@@ -692,6 +759,9 @@ def add_cli(sub):
     f.add_argument("--no-replay", action="store_true", help="train on the exported cases only")
     f.add_argument("--guard-cases", type=int, default=None,
                    help="original-domain phantoms checked after every epoch (default 4; 0: no guard)")
+    f.add_argument("--guard-lesions", type=int, default=None, dest="classifier_guard_lesions",
+                   help="original-domain phantom lesions the re-fitted classifier is checked on "
+                        "(default 150; 0: no check)")
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     f.add_argument("--threads", type=int, default=None)
     f.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")

@@ -161,12 +161,16 @@ def _lesion_diameters(rng, count):
     return d
 
 
+METASTASIS_LOOKS = ("hypodense", "hypervascular")
+
+
 def make_phantom(seed: int, domain: dict | None = None) -> Phantom:
     """Draw a phantom description from ``seed``.
 
     ``domain`` shifts the acquisition domain (used to make "another hospital" data for fine-tuning):
     keys ``liver_hu`` (range), ``noise_hu`` (range), ``lesion_contrast_scale`` (float),
-    ``type_weights`` (dict type -> weight).
+    ``type_weights`` (dict type -> weight), ``metastasis_look`` ("hypodense", the default, or
+    "hypervascular": brighter than the liver, as neuroendocrine, renal-cell or melanoma metastases are).
     """
     domain = domain or {}
     rng = np.random.default_rng(seed)
@@ -310,6 +314,9 @@ def make_phantom(seed: int, domain: dict | None = None) -> Phantom:
     # --- lesions
     weights = domain.get("type_weights", {"cyst": 1, "hemangioma": 1, "metastasis": 1.3})
     contrast_scale = float(domain.get("lesion_contrast_scale", 1.0))
+    metastasis_look = domain.get("metastasis_look", "hypodense")
+    if metastasis_look not in METASTASIS_LOOKS:
+        raise ValueError(f"unknown metastasis_look {metastasis_look!r}; expected one of {METASTASIS_LOOKS}")
     pattern = rng.choice(["none", "few", "metastatic", "mixed"], p=[0.08, 0.42, 0.25, 0.25])
     n_lesions = {"none": 0, "few": rng.integers(1, 5), "metastatic": rng.integers(3, 16),
                  "mixed": rng.integers(2, 9)}[pattern]
@@ -335,12 +342,13 @@ def make_phantom(seed: int, domain: dict | None = None) -> Phantom:
         center = candidates[rng.integers(len(candidates))]
         lesion_type = rng.choice(LESION_TYPES, p=type_p)
         phantom.lesions.append(_make_lesion(rng, lesion_id, str(lesion_type), center, diameter, liver_hu,
-                                            blood, contrast_scale))
+                                            blood, contrast_scale, metastasis_look))
     phantom.liver_volume_ml = _liver_volume_ml(phantom)
     return phantom
 
 
-def _make_lesion(rng, lesion_id, lesion_type, center, diameter, liver_hu, blood, contrast_scale):
+def _make_lesion(rng, lesion_id, lesion_type, center, diameter, liver_hu, blood, contrast_scale,
+                 metastasis_look="hypodense"):
     u = rng.uniform
     radius = diameter / 2
     elong = u(0.8, 1.25, 3)
@@ -365,8 +373,13 @@ def _make_lesion(rng, lesion_id, lesion_type, center, diameter, liver_hu, blood,
     # metastasis: hypodense, rim/target enhancement, lobulated ill-defined margin, necrosis when large
     blob = _blob(rng, center, radius * elong, rot_deg=90, deform=u(0.08, 0.22), wavelength=(radius * 0.8, radius * 3),
                  n_waves=6)
-    core = liver_hu - u(12, 80) * contrast_scale
-    rim = liver_hu + u(-15, 25) if rng.random() < 0.7 else core
+    if metastasis_look == "hypervascular":
+        # enhancing tumour brighter than the liver; a washed-out (hypodense) capsule in some
+        core = liver_hu + u(20, 60) * contrast_scale
+        rim = liver_hu - u(5, 25) * contrast_scale if rng.random() < 0.5 else core
+    else:
+        core = liver_hu - u(12, 80) * contrast_scale
+        rim = liver_hu + u(-15, 25) if rng.random() < 0.7 else core
     necrosis = u(5, 30) if (diameter > 30 and rng.random() < 0.7) else core
     return Lesion(lesion_id, lesion_type, blob, core, rim, necrosis, u(6, 25), edge_softness=u(0.08, 0.3))
 

@@ -262,6 +262,11 @@ def test_selection_never_prefers_an_epoch_that_forgot_the_original_domain():
     assert score(kept) > _selection_score(parent) > score(forgot)
     no_guard = {"lesion_dice": 0.6, "liver_dice": 0.9}
     assert score(no_guard) > score(kept)  # without guard metrics, plain lesion Dice decides
+    # detection F1 on the guard counts too: an epoch that finds fewer original-domain lesions is out
+    parent_f1 = {**parent, "original_domain_detection_f1": 0.48}
+    fewer_found = {**kept, "original_domain_detection_f1": 0.42}
+    assert _selection_score(fewer_found, parent_f1) < _selection_score(parent_f1)
+    assert _selection_score({**kept, "original_domain_detection_f1": 0.47}, parent_f1) == score(kept)
 
 
 def test_classifier_guard_keeps_the_parent_head_when_the_refit_forgets():
@@ -305,3 +310,44 @@ def test_distillation_pulls_towards_the_teacher():
             p.add_(0.5 * torch.randn_like(p))
     loss_other = train_step(net, torch.optim.SGD(net.parameters(), lr=0.0), batch, torch.device("cpu"), teacher)
     assert loss_other > loss_plain + 1e-3
+
+
+def test_candidate_filter_choice_on_known_evidence():
+    from liverlesionai.training import choose_candidate_filter
+
+    # true lesions: confident and inside the organ; false ones: unsure, or a confident shell on the surface
+    confidence = np.array([0.9, 0.85, 0.8, 0.55, 0.6, 0.9])
+    surface = np.array([0.1, 0.2, 0.3, 0.1, 0.0, 0.95])
+    is_tp = np.array([True, True, True, False, False, False])
+    tuning = choose_candidate_filter((confidence, surface, is_tp, 1), log=lambda m: None)
+    # every threshold between the classes gives the same F1; the most permissive one is chosen
+    assert (tuning["min_lesion_confidence"], tuning["max_surface_fraction"]) == (0.65, 0.9)
+    assert tuning["validation_f1"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))
+    assert tuning["validation_f1_unfiltered"] == pytest.approx(2 * 3 / (2 * 3 + 3 + 1))
+
+
+def test_retune_candidate_filter_sets_the_engine_thresholds(shipped_model_dir):
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.finetune import FILTER_KEYS, guard_phantoms, retune_candidate_filter
+    from liverlesionai.training import candidate_evidence
+
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", threads=1)
+    guard = guard_phantoms(2, 160)
+    tuning = retune_candidate_filter(engine, [], guard, log=lambda m: None)
+    assert tuning["candidates"] > 0
+    assert 0.0 <= tuning["validation_f1_unfiltered"] <= tuning["validation_f1"] <= 1.0
+    assert all(getattr(engine.config, key) == tuning[key] for key in FILTER_KEYS)
+    # the thresholds are the engine's from now on: it reports only candidates that pass them
+    for key, unfiltered in zip(FILTER_KEYS, (0.0, 1.0)):
+        setattr(engine.config, key, unfiltered)
+    confidence, surface, _, _ = candidate_evidence(engine, guard)
+    engine.config.min_lesion_confidence = tuning["min_lesion_confidence"]
+    engine.config.max_surface_fraction = tuning["max_surface_fraction"]
+    kept = sum(len(engine.segment(ct).lesions) for _, ct, _ in guard)
+    passing = (confidence >= tuning["min_lesion_confidence"]) & (surface <= tuning["max_surface_fraction"])
+    assert kept == int(passing.sum())
+
+    # nothing to tune on (no case): the thresholds stay as they were
+    before = [getattr(engine.config, key) for key in FILTER_KEYS]
+    assert retune_candidate_filter(engine, [], [], log=lambda m: None) is None
+    assert [getattr(engine.config, key) for key in FILTER_KEYS] == before

@@ -465,28 +465,31 @@ def _card_metrics(summary):
     return {k: summary[k] for k in keep if k in summary}
 
 
-def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print):
-    """Choose the lesion candidate thresholds (confidence, surface fraction) that maximise detection F1
-    on validation phantoms; the model at ``model_dir`` must report every candidate (no filter)."""
-    from .datasets import find_cases
-    from .engine import LiverLesionEngine
+def candidate_evidence(engine, cases):
+    """Every lesion candidate's (confidence, surface fraction, true positive?) on (case id, CTVolume,
+    truth) triples, plus the count of missed reference lesions; ``engine`` must report every candidate
+    (no filter)."""
     from .evaluation import evaluate_case
 
-    engine = LiverLesionEngine(model_dir, device=device, threads=threads)
     confidence, surface, is_tp, missed = [], [], [], 0
-    for case in find_cases(cases_dir):
-        ct, truth = case.load_image(), case.load_truth()
+    for case_id, ct, truth in cases:
         result = engine.segment(ct)
         pred = {"liver_mask": result.liver_mask, "lesion_instances": result.lesion_instances,
                 "lesion_types": {r.lesion_id: r.lesion_type for r in result.lesions}}
-        metrics = evaluate_case(pred, truth, ct.ijk_to_ras, case.case_id)
+        metrics = evaluate_case(pred, truth, ct.ijk_to_ras, case_id)
         matched = {m["pred_id"] for m in metrics["matches"]}
         missed += metrics["detection"]["fn"]
         for lesion_id, evidence in result.lesion_evidence.items():
             confidence.append(evidence["confidence"])
             surface.append(evidence["surface_fraction"])
             is_tp.append(lesion_id in matched)
-    confidence, surface, is_tp = np.array(confidence), np.array(surface), np.array(is_tp, bool)
+    return np.array(confidence), np.array(surface), np.array(is_tp, bool), missed
+
+
+def choose_candidate_filter(evidence, log=print):
+    """The lesion candidate thresholds (confidence, surface fraction) that maximise detection F1 on
+    the candidates of ``candidate_evidence``; ties go to the most permissive."""
+    confidence, surface, is_tp, missed = evidence
 
     def f1(min_conf, max_surface):
         passing = (confidence >= min_conf) & (surface <= max_surface)
@@ -500,3 +503,14 @@ def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log
         f"max surface fraction {best[1]} ({len(is_tp)} candidates)")
     return {"min_lesion_confidence": float(best[0]), "max_surface_fraction": float(best[1]),
             "validation_f1_unfiltered": f1(0.0, 1.0), "validation_f1": f1(*best), "candidates": int(len(is_tp))}
+
+
+def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print):
+    """Choose the lesion candidate thresholds that maximise detection F1 on validation phantoms; the
+    model at ``model_dir`` must report every candidate (no filter)."""
+    from .datasets import find_cases
+    from .engine import LiverLesionEngine
+
+    engine = LiverLesionEngine(model_dir, device=device, threads=threads)
+    cases = ((case.case_id, case.load_image(), case.load_truth()) for case in find_cases(cases_dir))
+    return choose_candidate_filter(candidate_evidence(engine, cases), log)

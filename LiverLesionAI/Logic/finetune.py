@@ -603,11 +603,14 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         classifier_guard = None
         if settings.classifier_guard_lesions:
             report(0.9, "Checking the classifier on original-domain lesions", "classifier")
-            parent_net = UNet2p5D(cfg.stage2)
-            parent_net.load_state_dict(part("stage2"))
-            parent_accuracy = head_accuracy(head, *guard_lesion_features(parent_net.to(device).eval(), cfg,
-                                                                         settings.classifier_guard_lesions, device))
             guard_features = guard_lesion_features(net, cfg, settings.classifier_guard_lesions, device)
+            parent_features = guard_features  # stage 2 unchanged when no epoch was selected
+            if best_epoch > 0:
+                parent_net = UNet2p5D(cfg.stage2)
+                parent_net.load_state_dict(part("stage2"))
+                parent_features = guard_lesion_features(parent_net.to(device).eval(), cfg,
+                                                        settings.classifier_guard_lesions, device)
+            parent_accuracy = head_accuracy(head, *parent_features)
             accuracies = {"refit": head_accuracy(new_head, *guard_features),
                           "parent": head_accuracy(head, *guard_features)}
             kept = choose_head(parent_accuracy, accuracies, settings.max_guard_drop)

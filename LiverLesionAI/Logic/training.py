@@ -27,6 +27,8 @@ TEST_SEED_BASE = 0
 VALIDATION_SEED_BASE = 500_000
 TRAIN_SEED_BASE = 1_000_000
 LIVER_TISSUES = (ph.LIVER, ph.LIVER_VESSEL, ph.LESION)
+STAGE2_RESTART_LR = 1e-3  # peak learning rate of stage 2's second cycle (the first peaks at 2e-3)
+STAGE2_RESTART_SEED_OFFSET = 50_000  # the second cycle sees phantoms the first never drew
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -345,9 +347,20 @@ def fit_classifier(features, labels, cfg: CascadeConfig, rng, epochs=400, log=pr
 # ----------------------------------------------------------------------------------------------
 # Stages as commands
 # ----------------------------------------------------------------------------------------------
+def final_stage2_checkpoint(run_dir) -> Path:
+    """The stage-2 checkpoint the model is assembled from: the warm restart's when there is one."""
+    run_dir = Path(run_dir)
+    restart = run_dir / "stage2_restart.ckpt"
+    return restart if restart.exists() else run_dir / "stage2.ckpt"
+
+
 def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, log=print, batch=16,
                 seed_offset=0, classifier_lesions=1200, domain=None):
-    """Train one stage into ``run_dir`` (resumable). stage: "stage1", "stage2" or "classifier"."""
+    """Train one stage into ``run_dir`` (resumable): "stage1", "stage2", "stage2_restart" or "classifier".
+
+    "stage2_restart" is a warm restart of stage 2: a second cosine cycle (peak STAGE2_RESTART_LR) from
+    the first cycle's weights, on new phantoms. Measured on the shipped model: it found lesions the
+    first cycle's end point missed (README, Shipped model)."""
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)
@@ -355,7 +368,10 @@ def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, lo
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    rng = np.random.default_rng(seed_offset + {"stage1": 1, "stage2": 2, "classifier": 3}[stage])
+    stage_seeds = {"stage1": 1, "stage2": 2, "classifier": 3, "stage2_restart": 4}
+    if stage not in stage_seeds:
+        raise ValueError(f"unknown stage {stage!r}")
+    rng = np.random.default_rng(seed_offset + stage_seeds[stage])
     if stage == "stage1":
         source = PhantomSource(TRAIN_SEED_BASE + seed_offset, reuse=4, domain=domain)
         net = UNet2p5D(cfg.stage1)
@@ -364,16 +380,41 @@ def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, lo
         source = PhantomSource(TRAIN_SEED_BASE + 200_000 + seed_offset, reuse=2, domain=domain)
         net = UNet2p5D(cfg.stage2)
         train_network(net, lambda r: stage2_batch(source, cfg, r, batch), steps, run_dir, "stage2", device, log=log)
+    elif stage == "stage2_restart":
+        if not (run_dir / "stage2.ckpt").exists():
+            raise FileNotFoundError(f"{run_dir / 'stage2.ckpt'} is missing: train stage2 before its restart")
+        source = PhantomSource(TRAIN_SEED_BASE + 200_000 + STAGE2_RESTART_SEED_OFFSET + seed_offset, reuse=2,
+                               domain=domain)
+        net = UNet2p5D(cfg.stage2)
+        net.load_state_dict(torch.load(run_dir / "stage2.ckpt", map_location="cpu", weights_only=True)["model"])
+        train_network(net, lambda r: stage2_batch(source, cfg, r, batch), steps, run_dir, "stage2_restart", device,
+                      lr=STAGE2_RESTART_LR, log=log)
     elif stage == "classifier":
         stage2 = UNet2p5D(cfg.stage2).to(device)
-        stage2.load_state_dict(torch.load(run_dir / "stage2.ckpt", map_location=device, weights_only=True)["model"])
+        stage2_ckpt = torch.load(final_stage2_checkpoint(run_dir), map_location=device, weights_only=True)
+        stage2.load_state_dict(stage2_ckpt["model"])
         stage2.eval()
         source = PhantomSource(TRAIN_SEED_BASE + 400_000 + seed_offset, reuse=3, domain=domain)
         features, labels = classifier_samples(stage2, cfg, source, classifier_lesions, rng, device, log)
         head, info = fit_classifier(features, labels, cfg, rng, log=log)
+        info["stage2"] = _checkpoint_id(run_dir, stage2_ckpt)
         _save_checkpoint(run_dir / "classifier.ckpt", {"model": head.state_dict(), "info": json.dumps(info)})
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
+
+
+def _checkpoint_id(run_dir, payload) -> str:
+    """Which stage-2 weights a classifier was fitted on, e.g. "stage2_restart@1500"."""
+    return f"{final_stage2_checkpoint(run_dir).stem}@{int(payload['step'])}"
+
+
+def classifier_is_current(run_dir) -> bool:
+    """True when the run's classifier was fitted on its final stage-2 weights (a classifier from
+    before a warm restart, or from a run that predates this record, must be fitted again)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "classifier.ckpt").exists():
+        return False
+    info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
+    stage2 = torch.load(final_stage2_checkpoint(run_dir), map_location="cpu", weights_only=True)
+    return info.get("stage2") == _checkpoint_id(run_dir, stage2)
 
 
 def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_overrides: dict | None = None):
@@ -385,7 +426,7 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
     cfg = CascadeConfig.from_dict({**json.loads((run_dir / "config.json").read_text()), **(config_overrides or {})})
     state, steps = {}, {}
     for part in ("stage1", "stage2", "classifier"):
-        ckpt = run_dir / f"{part}.ckpt"
+        ckpt = final_stage2_checkpoint(run_dir) if part == "stage2" else run_dir / f"{part}.ckpt"
         if not ckpt.exists():
             if part == "classifier":  # untrained head: pixel evidence only would be a different model
                 head = LesionClassifierHead(cfg.stage2.features)
@@ -395,6 +436,9 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
         payload = torch.load(ckpt, map_location="cpu", weights_only=True)
         state.update({f"{part}.{k}": v for k, v in payload["model"].items()})
         steps[part] = int(payload.get("step", 0))
+        if part == "stage2" and ckpt.name == "stage2_restart.ckpt":
+            steps["stage2"] = int(torch.load(run_dir / "stage2.ckpt", map_location="cpu", weights_only=True)["step"])
+            steps["stage2_restart"] = int(payload.get("step", 0))
     card = {"name": "LiverLesionAI cascade", "architecture": cfg.to_dict(), "generator_version": GENERATOR_VERSION,
             "seeds": {"train_base": TRAIN_SEED_BASE, "validation_base": VALIDATION_SEED_BASE,
                       "test_base": TEST_SEED_BASE},
@@ -405,7 +449,7 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
 
 def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=1200, device="auto", threads=None,
                 test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None,
-                validation_cases=12):
+                validation_cases=12, steps2_restart=0):
     """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, evaluate on
     the held-out phantom test set (and optionally a real case), and write the model with its card."""
     import shutil
@@ -420,7 +464,9 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
         raise FileExistsError(f"{model_out} exists; LiverLesionAI never overwrites a model.")
     train_stage("stage1", run_dir, steps1, device, threads, log)
     train_stage("stage2", run_dir, steps2, device, threads, log)
-    if not (run_dir / "classifier.ckpt").exists():
+    if steps2_restart:
+        train_stage("stage2_restart", run_dir, steps2_restart, device, threads, log)
+    if not classifier_is_current(run_dir):
         train_stage("classifier", run_dir, 0, device, threads, log, classifier_lesions=classifier_lesions)
     def phantom_set(folder, base, seeds):
         folder.mkdir(exist_ok=True)
@@ -437,23 +483,26 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=model_out.parent))
     try:
         assemble_model(run_dir, staging / "untuned", {"version": version})
-        tuning = tune_candidate_filter(staging / "untuned", validation_dir, device, threads, log)
+        # float32 throughout: the card's figures must not depend on the CPU's bfloat16 support
+        tuning = tune_candidate_filter(staging / "untuned", validation_dir, device, threads, log, precision="fp32")
         overrides = {k: tuning[k] for k in ("min_lesion_confidence", "max_surface_fraction")}
         assemble_model(run_dir, staging / "m", {"version": version}, overrides)
         metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging / "m", test_dir, device,
-                                                                               threads, log)),
+                                                                               threads, log, precision="fp32")),
                    "candidate_filter_tuning": tuning}
         metrics["phantom_test"]["seeds"] = [TEST_SEED_BASE + s for s in test_seeds]
         if real_case:
             metrics["real_case"] = _card_metrics(evaluate_model_or_predictions(staging / "m", real_case, device,
-                                                                               threads, log))
+                                                                               threads, log, precision="fp32"))
         info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
         return assemble_model(run_dir, model_out, config_overrides=overrides, card_extra={
                                   "version": version, "metrics": metrics,
                                                    "classifier": info, "hyperparameters": {
                                                        "batch": 16, "lr": 2e-3, "optimizer": "AdamW",
                                                        "loss": "Dice + inverse-lesion-size weighted CE",
-                                                       "steps": {"stage1": steps1, "stage2": steps2},
+                                                       "steps": {"stage1": steps1, "stage2": steps2,
+                                                                 "stage2_restart": steps2_restart},
+                                                       "stage2_restart_lr": STAGE2_RESTART_LR,
                                                        "classifier_lesions": classifier_lesions}})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -505,12 +554,12 @@ def choose_candidate_filter(evidence, log=print):
             "validation_f1_unfiltered": f1(0.0, 1.0), "validation_f1": f1(*best), "candidates": int(len(is_tp))}
 
 
-def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print):
+def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print, precision="auto"):
     """Choose the lesion candidate thresholds that maximise detection F1 on validation phantoms; the
     model at ``model_dir`` must report every candidate (no filter)."""
     from .datasets import find_cases
     from .engine import LiverLesionEngine
 
-    engine = LiverLesionEngine(model_dir, device=device, threads=threads)
+    engine = LiverLesionEngine(model_dir, device=device, threads=threads, precision=precision)
     cases = ((case.case_id, case.load_image(), case.load_truth()) for case in find_cases(cases_dir))
     return choose_candidate_filter(candidate_evidence(engine, cases), log)

@@ -291,10 +291,10 @@ def cmd_phantoms(args):
 def cmd_train(args):
     from .training import build_model
 
-    build_model(args.run_dir, args.model_out, steps1=args.steps1, steps2=args.steps2, steps2_restart=args.steps2_restart,
-                classifier_lesions=args.classifier_lesions, device=args.device, threads=args.threads,
-                test_seeds=_seed_range(args.test_seeds), real_case=args.real_case, version=args.version,
-                test_max_in_plane=args.test_max_in_plane)
+    build_model(args.run_dir, args.model_out, steps1=args.steps1, steps2=args.steps2,
+                steps2_restart=args.steps2_restart, classifier_lesions=args.classifier_lesions,
+                device=args.device, threads=args.threads, test_seeds=_seed_range(args.test_seeds),
+                real_case=args.real_case, version=args.version, test_max_in_plane=args.test_max_in_plane)
     return 0
 
 

@@ -359,8 +359,8 @@ def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, lo
     """Train one stage into ``run_dir`` (resumable): "stage1", "stage2", "stage2_restart" or "classifier".
 
     "stage2_restart" is a warm restart of stage 2: a second cosine cycle (peak STAGE2_RESTART_LR) from
-    the first cycle's weights, on new phantoms. Measured on the shipped model: it found lesions the
-    first cycle's end point missed (README, Shipped model)."""
+    the first cycle's weights, on new phantoms. Measured for the shipped model on the validation
+    phantoms: detection F1 0.491 -> 0.566, mostly fewer false positives (README, Shipped model)."""
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from .records import LESION_TYPES, CTVolume
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: the liver lies against the abdominal wall muscle (no fat plane) in most phantoms
 
 # Tissue labels of the phantom's internal label map (ground truth uses liver/lesions only).
 AIR, BODY_FAT, MUSCLE, VISCERAL_FAT, BONE, LUNG, HEART, SPLEEN, KIDNEY, STOMACH, BOWEL, \
@@ -116,6 +116,9 @@ class Phantom:
     liver_vessels: list = field(default_factory=list)  # intrahepatic portal branches and hepatic veins (Tube)
     liver_vessel_hu: float = 0.0
     liver_texture_hu: float = 5.0
+    # fat plane between the liver and the abdominal wall muscle, as a fraction of the wall's radius;
+    # 0 = the liver lies directly against the muscle, as it does in most patients
+    liver_wall_gap: float = 0.0
 
     @property
     def liver_bbox(self):
@@ -330,6 +333,11 @@ def make_phantom(seed: int, domain: dict | None = None) -> Phantom:
                       extent_min=np.array([-A - 40, -B - 40, -260.0]), extent_max=np.array([A + 40, B + 40, 200.0]),
                       liver_blobs=liver_blobs, liver_cuts=liver_cuts, lesions=[], structures=structures,
                       body=body)
+    # Real livers press against the diaphragm and the lateral wall muscle; with a fat plane always
+    # between them (generator 1.0) the network took that muscle for liver on real CT. A stream of
+    # its own keeps every other draw of the seed as it was.
+    wall_rng = np.random.default_rng((seed, 11))
+    phantom.liver_wall_gap = 0.0 if wall_rng.random() < 0.75 else float(wall_rng.uniform(0.01, 0.03))
     _fit_liver_volume(phantom, target_liver_ml)
     phantom.liver_vessels = liver_vessels
     phantom.liver_vessel_hu = portal_hu
@@ -448,9 +456,9 @@ def _liver_radius(phantom, X, Y, Z):
         r = rb if r is None else -0.12 * np.logaddexp(-r / 0.12, -rb / 0.12)
     for normal, offset in phantom.liver_cuts:
         r = np.maximum(r, 1 + (normal[0] * X + normal[1] * Y + normal[2] * Z - offset) / 15.0)
-    # the liver stays inside the abdominal wall
+    # the liver stays inside the abdominal wall, usually touching its muscle
     wall = phantom.structures[[s[0] for s in phantom.structures].index(VISCERAL_FAT)][1]
-    return np.maximum(r, wall.radius(X, Y, Z) + 0.02)
+    return np.maximum(r, wall.radius(X, Y, Z) + phantom.liver_wall_gap)
 
 
 def _fit_liver_volume(phantom, target_ml):

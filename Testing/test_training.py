@@ -42,6 +42,32 @@ def test_loss_prefers_correct_prediction():
     assert T.dice_ce_loss(good, target) < T.dice_ce_loss(bad, target)
 
 
+def test_stage2_priors_carry_stage1_like_errors():
+    # stage 2 trained on near-perfect priors copied stage 1's errors on real CT; its training priors
+    # must leak into touching soft tissue, wander, and sometimes leave lesions out
+    from liverlesionai import phantom as ph
+
+    spacing = 1.25
+    k, j, i = np.mgrid[:12, :64, :64]
+    tissue = np.full((12, 64, 64), ph.VISCERAL_FAT, np.uint8)
+    tissue[:, :, :32] = ph.LIVER
+    tissue[:, :, 32:40] = ph.MUSCLE  # 10 mm of wall muscle against the liver, fat beyond
+    tissue[:, 20:30, 20:30] = ph.LESION
+    liver = np.isin(tissue, T.LIVER_TISSUES)
+    far_fat = i >= 52  # >= 25 mm from the liver
+    leaked, lesion_left_out, wandered = 0, 0, 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        clean = T._liver_prior(liver, np.random.default_rng(seed), spacing) > 0.5
+        assert not clean[:, :, 36:].any() and clean[:, :, :28].all()  # blurred and shifted, no errors
+        prior = T._liver_prior(liver, rng, spacing, tissue) > 0.5
+        assert not prior[far_fat].any()
+        leaked += prior[:, :, 34:38].mean() > 0.2
+        lesion_left_out += not prior[:, 22:28, 22:28].any()
+        wandered += prior[:, :, 26:30].mean() < 0.9
+    assert 5 <= leaked <= 35 and 3 <= lesion_left_out <= 20 and wandered >= 3
+
+
 def test_train_resume_assemble_and_run(tmp_path):
     run = tmp_path / "run"
     logs = []

@@ -123,8 +123,7 @@ def _wall_contact(phantom, spacing=2.0):
     _, tissue, _ = ph.render(phantom, grid, acquisition=False)
     x, y, z = grid.axes()
     Z, Y, X = np.meshgrid(z, y, x, indexing="ij")
-    wall = phantom.structures[[s[0] for s in phantom.structures].index(ph.VISCERAL_FAT)][1]
-    wall_radius = wall.radius(X, Y, Z)
+    wall_radius = ph.abdominal_wall(phantom).radius(X, Y, Z)
     liver = np.isin(tissue, (ph.LIVER, ph.LIVER_VESSEL))
     wall_muscle = (tissue == ph.MUSCLE) & (wall_radius >= 1)
     touching = liver & ndimage.binary_dilation(wall_muscle)

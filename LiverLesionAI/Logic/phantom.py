@@ -457,8 +457,12 @@ def _liver_radius(phantom, X, Y, Z):
     for normal, offset in phantom.liver_cuts:
         r = np.maximum(r, 1 + (normal[0] * X + normal[1] * Y + normal[2] * Z - offset) / 15.0)
     # the liver stays inside the abdominal wall, usually touching its muscle
-    wall = phantom.structures[[s[0] for s in phantom.structures].index(VISCERAL_FAT)][1]
-    return np.maximum(r, wall.radius(X, Y, Z) + phantom.liver_wall_gap)
+    return np.maximum(r, abdominal_wall(phantom).radius(X, Y, Z) + phantom.liver_wall_gap)
+
+
+def abdominal_wall(phantom) -> Blob:
+    """The inner surface of the abdominal wall muscle (radius 1 there)."""
+    return phantom.structures[[s[0] for s in phantom.structures].index(VISCERAL_FAT)][1]
 
 
 def _fit_liver_volume(phantom, target_ml):

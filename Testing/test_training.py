@@ -89,7 +89,7 @@ def test_train_resume_assemble_and_run(tmp_path):
         T.build_model(run, tmp_path / "model")
 
 
-def test_stage2_warm_restart_continues_the_first_cycle_and_refits_the_classifier(tmp_path):
+def test_warm_restarts_continue_the_first_cycles_and_refit_the_classifier_only_for_stage2(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="train stage2 before its restart"):
         T.train_stage("stage2_restart", run, 1, device="cpu", batch=4, log=lambda m: None)
@@ -98,19 +98,24 @@ def test_stage2_warm_restart_continues_the_first_cycle_and_refits_the_classifier
     T.train_stage("classifier", run, 0, device="cpu", classifier_lesions=6, log=lambda m: None)
     assert T.classifier_is_current(run)
 
-    T.train_stage("stage2_restart", run, 2, device="cpu", batch=4, log=lambda m: None)
-    first = torch.load(run / "stage2.ckpt", weights_only=True)["model"]
-    restart = torch.load(run / "stage2_restart.ckpt", weights_only=True)["model"]
-    fresh = T.UNet2p5D(CascadeConfig().stage2).state_dict()
     key = "encoder.stages.0.0.0.weight"
-    # two warm-up steps move the weights a little from the first cycle's, nowhere near a new initialisation
-    assert 0 < (restart[key] - first[key]).norm() < 0.1 * (fresh[key] - first[key]).norm()
-    assert T.final_stage2_checkpoint(run).name == "stage2_restart.ckpt"
-    assert not T.classifier_is_current(run)  # fitted on the first cycle's stage 2
+    for part in ("stage1", "stage2"):
+        T.train_stage(f"{part}_restart", run, 2, device="cpu", batch=4, log=lambda m: None)
+        first = torch.load(run / f"{part}.ckpt", weights_only=True)["model"]
+        restart = torch.load(run / f"{part}_restart.ckpt", weights_only=True)["model"]
+        fresh = T.UNet2p5D(getattr(CascadeConfig(), part)).state_dict()
+        # two warm-up steps move the weights a little from the first cycle's, nowhere near a new initialisation
+        assert 0 < (restart[key] - first[key]).norm() < 0.1 * (fresh[key] - first[key]).norm()
+        assert T.final_checkpoint(run, part).name == f"{part}_restart.ckpt"
+        # the classifier reads stage-2 features only: a new stage 1 keeps it, a new stage 2 does not
+        assert T.classifier_is_current(run) == (part == "stage1")
 
     T.train_stage("classifier", run, 0, device="cpu", classifier_lesions=6, log=lambda m: None)
     assert T.classifier_is_current(run)
     card = T.assemble_model(run, tmp_path / "model", {"version": "t"})
-    assert card["training_steps"] == {"stage1": 1, "stage2": 2, "stage2_restart": 2, "classifier": 0}
+    assert card["training_steps"] == {"stage1": 1, "stage1_restart": 2, "stage2": 2, "stage2_restart": 2,
+                                      "classifier": 0}
     state, _ = load_model(tmp_path / "model")
-    assert torch.equal(state[f"stage2.{key}"], restart[key])
+    for part in ("stage1", "stage2"):
+        restart = torch.load(run / f"{part}_restart.ckpt", weights_only=True)["model"]
+        assert torch.equal(state[f"{part}.{key}"], restart[key])

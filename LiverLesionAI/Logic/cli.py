@@ -291,8 +291,8 @@ def cmd_phantoms(args):
 def cmd_train(args):
     from .training import build_model
 
-    build_model(args.run_dir, args.model_out, steps1=args.steps1, steps2=args.steps2,
-                steps2_restart=args.steps2_restart, classifier_lesions=args.classifier_lesions,
+    build_model(args.run_dir, args.model_out, steps1=args.steps1, steps1_restart=args.steps1_restart,
+                steps2=args.steps2, steps2_restart=args.steps2_restart, classifier_lesions=args.classifier_lesions,
                 device=args.device, threads=args.threads, test_seeds=_seed_range(args.test_seeds),
                 real_case=args.real_case, version=args.version, test_max_in_plane=args.test_max_in_plane)
     return 0
@@ -356,6 +356,8 @@ def build_parser():
     t.add_argument("run_dir", help="checkpoints go here; rerun to resume")
     t.add_argument("model_out", help="new model folder to create")
     t.add_argument("--steps1", type=int, default=2600)
+    t.add_argument("--steps1-restart", type=int, default=0,
+                   help="steps of stage 1's warm restart (second learning-rate cycle on new phantoms; 0: none)")
     t.add_argument("--steps2", type=int, default=2400)
     t.add_argument("--steps2-restart", type=int, default=1500,
                    help="steps of stage 2's warm restart (second learning-rate cycle on new phantoms; 0: none)")

@@ -75,6 +75,11 @@ def test_train_resume_assemble_and_run(tmp_path):
     T.train_stage("stage1", run, 3, device="cpu", batch=4, log=logs.append)  # resumes, one more step
     assert any("resumed at step 2" in line for line in logs)
     assert torch.load(run / "stage1.ckpt", weights_only=True)["step"] == 3
+    # a finished stage is not resumed: its checkpoint may hold the weights alone (as rebuilt from a shipped model)
+    finished = torch.load(run / "stage1.ckpt", weights_only=True)
+    T._save_checkpoint(run / "stage1.ckpt", {"model": finished["model"], "step": 3})
+    T.train_stage("stage1", run, 3, device="cpu", batch=4, log=logs.append)
+    assert set(torch.load(run / "stage1.ckpt", weights_only=True)) == {"model", "step"}
     T.train_stage("stage2", run, 2, device="cpu", batch=4, log=logs.append)
     T.train_stage("classifier", run, 0, device="cpu", classifier_lesions=6, log=logs.append)
     card = T.assemble_model(run, tmp_path / "model", {"version": "t"})

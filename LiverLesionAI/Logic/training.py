@@ -243,6 +243,9 @@ def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=pr
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         net.load_state_dict(state["model"])
+        if int(state["step"]) >= steps:  # finished: nothing to resume (such a checkpoint may hold weights only)
+            net.eval()
+            return int(state["step"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step = int(state["step"])

@@ -356,7 +356,7 @@ def build_parser():
     t.add_argument("run_dir", help="checkpoints go here; rerun to resume")
     t.add_argument("model_out", help="new model folder to create")
     t.add_argument("--steps1", type=int, default=2600)
-    t.add_argument("--steps1-restart", type=int, default=0,
+    t.add_argument("--steps1-restart", type=int, default=800,
                    help="steps of stage 1's warm restart (second learning-rate cycle on new phantoms; 0: none)")
     t.add_argument("--steps2", type=int, default=2400)
     t.add_argument("--steps2-restart", type=int, default=1500,

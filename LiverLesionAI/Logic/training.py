@@ -475,7 +475,7 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
 
 def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=1200, device="auto", threads=None,
                 test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None,
-                validation_cases=12, steps1_restart=0, steps2_restart=0):
+                validation_cases=24, steps1_restart=0, steps2_restart=0):
     """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, evaluate on
     the held-out phantom test set (and optionally a real case), and write the model with its card."""
     import shutil

@@ -16,12 +16,13 @@ SHIPPED_MODEL = Path(os.environ.get("LIVERLESIONAI_TEST_MODEL") or
 
 
 def make_tiny_model(model_dir, seed: int = 0, liver_bias: float | None = None, lesion_bias: float | None = None,
-                    version: str = "test") -> Path:
+                    version: str = "test", classifier_features: str = "descriptors") -> Path:
     """A complete, loadable LiverLesionAI model with small random networks.
 
     ``liver_bias`` shifts stage 1's liver logit (large negative: the model never finds a liver;
     large positive: everything is liver); ``lesion_bias`` shifts stage 2's lesion logits. These give
     deterministic behaviour ("no liver", "liver full of lesion") without a trained model.
+    ``classifier_features="encoder"`` builds the classifier of models up to v4 (pooled encoder features).
     """
     from liverlesionai.model_io import save_model
     from liverlesionai.networks import CascadeConfig, LesionClassifierHead, UNet2p5D, UNetConfig
@@ -30,9 +31,10 @@ def make_tiny_model(model_dir, seed: int = 0, liver_bias: float | None = None, l
     feats = (4, 8, 16, 32)
     cfg = CascadeConfig(stage1=UNetConfig(in_channels=5, num_classes=2, features=feats, convs_per_stage=1),
                         stage2=UNetConfig(in_channels=4, num_classes=5, features=feats, convs_per_stage=1),
-                        stage1_spacing=(6.0, 6.0, 6.0), stage2_spacing=(3.0, 3.0, 3.0), classifier_patch=16)
+                        stage1_spacing=(6.0, 6.0, 6.0), stage2_spacing=(3.0, 3.0, 3.0), classifier_patch=16,
+                        classifier_features=classifier_features)
     nets = {"stage1": UNet2p5D(cfg.stage1), "stage2": UNet2p5D(cfg.stage2),
-            "classifier": LesionClassifierHead(cfg.stage2.features)}
+            "classifier": LesionClassifierHead(cfg)}
     with torch.no_grad():
         if liver_bias is not None:
             nets["stage1"].decoder.head.bias[:] = torch.tensor([0.0, liver_bias])
@@ -61,6 +63,13 @@ def no_liver_model_dir(tmp_path_factory) -> Path:
 def all_lesion_model_dir(tmp_path_factory) -> Path:
     """A model that sees liver everywhere and lesion wherever stage 2 looks."""
     return make_tiny_model(tmp_path_factory.mktemp("models") / "all-lesion", liver_bias=20.0, lesion_bias=20.0)
+
+
+@pytest.fixture(scope="session")
+def all_lesion_encoder_model_dir(tmp_path_factory) -> Path:
+    """As all_lesion_model_dir, with the classifier of models up to v4 (pooled encoder features)."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "all-lesion-encoder", liver_bias=20.0,
+                           lesion_bias=20.0, classifier_features="encoder")
 
 
 @pytest.fixture(scope="session")

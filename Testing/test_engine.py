@@ -50,10 +50,14 @@ def test_no_liver_is_a_result(no_liver_model_dir, phantom_ct):
     assert any("No liver found" in m for m in result.messages)
 
 
-def test_every_lesion_is_recorded_and_typed(all_lesion_model_dir, phantom_ct):
+@pytest.mark.parametrize("classifier_features", ["descriptors", "encoder"])
+def test_every_lesion_is_recorded_and_typed(request, phantom_ct, classifier_features):
     ct, _ = phantom_ct
     progress = []
-    result = LiverLesionEngine(all_lesion_model_dir, device="cpu").segment(
+    model_dir = request.getfixturevalue(
+        {"descriptors": "all_lesion_model_dir", "encoder": "all_lesion_encoder_model_dir"}[classifier_features])
+    assert LiverLesionEngine(model_dir, device="cpu").config.classifier_features == classifier_features
+    result = LiverLesionEngine(model_dir, device="cpu").segment(
         ct, progress=lambda f, m: progress.append((f, m)))
     ids = sorted(int(v) for v in np.unique(result.lesion_instances) if v)
     assert ids == [r.lesion_id for r in result.lesions] == list(range(1, len(ids) + 1))
@@ -124,3 +128,18 @@ def test_bfloat16_and_float32_agree_on_real_ct(shipped_model_dir):
     assert abs(len(fast.lesions) - len(exact.lesions)) <= 1
     with pytest.raises(ValueError, match="precision"):
         LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp16")
+
+
+def test_cards_before_v5_use_the_encoder_classifier_and_unknown_features_are_refused(tmp_path, tiny_model_dir):
+    from liverlesionai.errors import ModelFileError
+    from liverlesionai.model_io import load_model, save_model
+    from liverlesionai.networks import CascadeConfig
+
+    state, card = load_model(tiny_model_dir)
+    old = {k: v for k, v in card["architecture"].items() if k != "classifier_features"}
+    assert CascadeConfig.from_dict(old).classifier_features == "encoder"
+    card["architecture"]["classifier_features"] = "radiomics-v9"
+    card = {k: v for k, v in card.items() if k not in ("weights_sha256", "format_version", "created")}
+    save_model(tmp_path / "m", state, card)
+    with pytest.raises(ModelFileError, match="radiomics-v9"):
+        LiverLesionEngine(tmp_path / "m", device="cpu")

@@ -38,7 +38,7 @@ FAST_CLI = ["--epochs", "2", "--steps-per-epoch", "2", "--batch", "2", "--crop",
 def _tiny_model(folder: Path) -> Path:
     cfg = CascadeConfig(UNetConfig(5, 2, TINY), UNetConfig(4, 5, TINY), classifier_patch=32)
     torch.manual_seed(0)
-    stage1, stage2, head = UNet2p5D(cfg.stage1), UNet2p5D(cfg.stage2), LesionClassifierHead(cfg.stage2.features)
+    stage1, stage2, head = UNet2p5D(cfg.stage1), UNet2p5D(cfg.stage2), LesionClassifierHead(cfg)
     with torch.no_grad():  # stage 1 says "background" everywhere: validation runs stay fast
         stage1.decoder.head.bias.copy_(torch.tensor([6.0, -6.0]))
     state = {f"{n}.{k}": v for n, net in (("stage1", stage1), ("stage2", stage2), ("classifier", head))
@@ -283,7 +283,7 @@ def test_guard_lesions_are_the_same_on_every_call():
 
     cfg = CascadeConfig(UNetConfig(5, 2, TINY), UNetConfig(4, 5, TINY), classifier_patch=32)
     torch.manual_seed(0)
-    net, head = UNet2p5D(cfg.stage2).eval(), LesionClassifierHead(cfg.stage2.features)
+    net, head = UNet2p5D(cfg.stage2).eval(), LesionClassifierHead(cfg)
     (f1, l1), (f2, l2) = (guard_lesion_features(net, cfg, 4, "cpu") for _ in range(2))
     assert torch.equal(l1, l2) and torch.allclose(f1, f2)
     assert head_accuracy(head, f1, l1) == head_accuracy(head, f2, l2)

@@ -117,6 +117,12 @@ def test_warm_restarts_continue_the_first_cycles_and_refit_the_classifier_only_f
 
     T.train_stage("classifier", run, 0, device="cpu", classifier_lesions=6, log=lambda m: None)
     assert T.classifier_is_current(run)
+    # a classifier on pooled encoder features (models up to v4) is refitted on descriptors
+    payload = torch.load(run / "classifier.ckpt", weights_only=True)
+    T._save_checkpoint(run / "classifier.ckpt", {**payload, "info": json.dumps(
+        {k: v for k, v in json.loads(payload["info"]).items() if k != "features"})})
+    assert not T.classifier_is_current(run)
+    T._save_checkpoint(run / "classifier.ckpt", payload)
     card = T.assemble_model(run, tmp_path / "model", {"version": "t"})
     assert card["training_steps"] == {"stage1": 1, "stage1_restart": 2, "stage2": 2, "stage2_restart": 2,
                                       "classifier": 0}

@@ -3,7 +3,7 @@
 Cascade: stage 1 finds the liver on a coarse canonical grid covering the whole scan; stage 2 works
 on a fine grid inside the liver box, segmenting liver and lesions and typing every lesion pixel;
 each lesion (3D connected component) is then typed by the classifier head from three orthogonal
-patches through it (stage-2 encoder features + pixel type probabilities), with a calibrated
+patches through it (intensity/shape descriptors + stage-2 pixel type probabilities), with a calibrated
 temperature. Probabilities are kept only inside the liver box and at float16.
 """
 
@@ -86,10 +86,14 @@ class LiverLesionEngine:
             raise ModelFileError(f"Model card of {self.model_dir} has no architecture; not a LiverLesionAI model.")
         self.card = card
         self.version = str(card.get("version", self.model_dir.name))
-        self.config = CascadeConfig.from_dict(card["architecture"])
+        try:
+            self.config = CascadeConfig.from_dict(card["architecture"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelFileError(f"Model card of {self.model_dir} has an architecture this version cannot build "
+                                 f"({error}).") from error
         self.stage1 = UNet2p5D(self.config.stage1)
         self.stage2 = UNet2p5D(self.config.stage2)
-        self.classifier = LesionClassifierHead(self.config.stage2.features)
+        self.classifier = LesionClassifierHead(self.config)
         parts = {"stage1": self.stage1, "stage2": self.stage2, "classifier": self.classifier}
         for prefix, net in parts.items():
             sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -279,7 +283,7 @@ class LiverLesionEngine:
                 ids = lesion_ids[start:start + 32]
                 vin = np.concatenate(inputs[start:start + 32])
                 vm = np.concatenate(masks[start:start + 32])
-                vectors = lesion_view_vectors(self.stage2, vin, vm, self.device)
+                vectors = lesion_view_vectors(self.stage2, vin, vm, self.device, self.config.classifier_features)
                 probs = self.classifier(vectors).softmax(1).cpu().numpy()
                 for lesion_id, p in zip(ids, probs):
                     out[int(lesion_id)] = {t: float(v) for t, v in zip(LESION_TYPES, p)}

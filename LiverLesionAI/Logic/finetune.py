@@ -357,7 +357,8 @@ def lesion_features(stage2, cfg, cases, rng, views_per_lesion, device):
                 hu = _intensity_augment(_crop(case.hu, start, (size,) * 3, -1024.0), rng)
                 prior = _liver_prior(_crop(case.label, start, (size,) * 3, 0) > 0, rng, spacing)
                 inputs, masks = lesion_view_inputs(normalize_hu(hu, cfg.hu_window), prior, mask, half)
-                features.append(torch.cat(lesion_view_vectors(stage2, inputs, masks, device), dim=1).cpu())
+                features.append(torch.cat(lesion_view_vectors(stage2, inputs, masks, device, cfg.classifier_features),
+                                          dim=1).cpu())
                 labels.append(LESION_TYPES.index(lesion_type))
     if not labels:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
@@ -486,7 +487,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
     net = UNet2p5D(cfg.stage2)
     net.load_state_dict(part("stage2"))
     net.to(device)
-    head = LesionClassifierHead(cfg.stage2.features)
+    head = LesionClassifierHead(cfg)
     head.load_state_dict(part("classifier"))
 
     engine, guard = None, ()

@@ -14,6 +14,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .descriptors import DESCRIPTOR_NAMES
+
+CLASSIFIER_FEATURES = ("descriptors", "encoder")
+
 
 @dataclass
 class UNetConfig:
@@ -47,19 +51,28 @@ class CascadeConfig:
     # lesion candidate filter, tuned on validation phantoms when the model is built
     min_lesion_confidence: float = 0.0
     max_surface_fraction: float = 1.0
+    # what the lesion classifier sees per view: "descriptors" (intensity/shape descriptors, v5 on) or
+    # "encoder" (pooled stage-2 encoder features, models up to v4); both add the pixel type probabilities
+    classifier_features: str = "descriptors"
 
     def to_dict(self):
         return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
                 "stage1_spacing": list(self.stage1_spacing), "stage2_spacing": list(self.stage2_spacing),
                 "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch,
-                "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction}
+                "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction,
+                "classifier_features": self.classifier_features}
 
     @classmethod
     def from_dict(cls, d):
         return cls(UNetConfig.from_dict(d["stage1"]), UNetConfig.from_dict(d["stage2"]),
                    tuple(d["stage1_spacing"]), tuple(d["stage2_spacing"]), tuple(d["hu_window"]),
                    int(d["classifier_patch"]), float(d.get("min_lesion_confidence", 0.0)),
-                   float(d.get("max_surface_fraction", 1.0)))
+                   float(d.get("max_surface_fraction", 1.0)), d.get("classifier_features", "encoder"))
+
+    def __post_init__(self):
+        if self.classifier_features not in CLASSIFIER_FEATURES:
+            raise ValueError(f"unknown classifier_features {self.classifier_features!r}; "
+                             f"expected one of {CLASSIFIER_FEATURES}")
 
 
 # stage-2 classes (per pixel): 0 outside the liver, 1 liver parenchyma, 2.. lesion types
@@ -128,22 +141,30 @@ class UNet2p5D(nn.Module):
 
 
 class LesionClassifierHead(nn.Module):
-    """Types a lesion from three orthogonal patches through it, using the stage-2 encoder's features.
+    """Types a lesion from three orthogonal patches through it.
 
-    Each view's encoder features are averaged inside the (downsampled) lesion mask at every level,
-    and around it (context ring), plus the mean stage-2 pixel type probabilities inside the lesion;
-    the three view vectors are concatenated and mapped to type logits (pixel and patch evidence fused).
+    Per view: the mean stage-2 pixel type probabilities inside the lesion, plus either intensity/shape
+    descriptors of the patch (``classifier_features = "descriptors"``, descriptors.py) or the stage-2
+    encoder's features averaged inside the (downsampled) lesion mask and around it at every level
+    ("encoder"). The three view vectors are concatenated and mapped to type logits (pixel and patch
+    evidence fused).
     """
 
-    def __init__(self, features: tuple, num_types: int = 3, hidden: int = 128):
+    def __init__(self, cfg: CascadeConfig, num_types: int = 3, hidden: int = 128):
         super().__init__()
-        per_view = 2 * sum(features) + num_types  # + mean stage-2 type probabilities in the lesion
+        per_view = self.view_size(cfg, num_types)
         self.mlp = nn.Sequential(nn.Linear(3 * per_view, hidden), nn.LeakyReLU(0.01), nn.Dropout(0.2),
                                  nn.Linear(hidden, num_types))
         # input standardisation and calibration temperature, fitted with the head and saved with it
         self.register_buffer("feature_mean", torch.zeros(3 * per_view))
         self.register_buffer("feature_std", torch.ones(3 * per_view))
         self.register_buffer("temperature", torch.tensor(1.0))
+
+    @staticmethod
+    def view_size(cfg: CascadeConfig, num_types: int = 3) -> int:
+        if cfg.classifier_features == "descriptors":
+            return len(DESCRIPTOR_NAMES) + num_types
+        return 2 * sum(cfg.stage2.features) + num_types
 
     @staticmethod
     def pooled(skips, mask):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from . import phantom as ph
+from .descriptors import lesion_view_descriptors
 from .networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D
 from .preprocessing import VIEWS, normalize_hu, to_view
 from .records import LESION_TYPES
@@ -275,7 +276,7 @@ def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=pr
 
 
 # ----------------------------------------------------------------------------------------------
-# Lesion classifier (three orthogonal patches through each lesion, stage-2 encoder features)
+# Lesion classifier (three orthogonal patches through each lesion: descriptors + stage-2 pixel types)
 # ----------------------------------------------------------------------------------------------
 def lesion_view_inputs(x_cube, prior_cube, mask_cube, half):
     """Stage-2 inputs and lesion masks of the three orthogonal patches through the cube's centre."""
@@ -289,8 +290,10 @@ def lesion_view_inputs(x_cube, prior_cube, mask_cube, half):
 
 
 @torch.no_grad()
-def lesion_view_vectors(stage2: UNet2p5D, inputs, masks, device):
-    """Per view: pooled encoder features + mean stage-2 type probabilities inside the lesion mask.
+def lesion_view_vectors(stage2: UNet2p5D, inputs, masks, device, kind: str):
+    """Per view: mean stage-2 type probabilities inside the lesion mask, after the patch evidence of
+    ``kind`` (CascadeConfig.classifier_features): intensity/shape descriptors of the centre slice, or
+    the encoder's pooled features.
 
     inputs (N*3, C, P, P), masks (N*3, 1, P, P) -> list of 3 tensors (N, D) in VIEWS order.
     """
@@ -299,7 +302,13 @@ def lesion_view_vectors(stage2: UNet2p5D, inputs, masks, device):
     skips = stage2.encoder(x)
     probs = stage2.decoder(skips).float().softmax(1)[:, STAGE2_FIRST_LESION:]
     type_probs = (probs * m).sum((2, 3)) / (probs * m).sum((1, 2, 3)).clamp(min=1e-6)[:, None]
-    vec = torch.cat([LesionClassifierHead.pooled([s.float() for s in skips], m), type_probs], dim=1)
+    if kind == "descriptors":
+        centre = (inputs.shape[1] - 2) // 2  # channels: the slab's slices, then the liver prior
+        patch = torch.as_tensor(np.stack([lesion_view_descriptors(image[centre], mask[0])
+                                          for image, mask in zip(inputs, masks)]), device=device)
+    else:
+        patch = LesionClassifierHead.pooled([s.float() for s in skips], m)
+    vec = torch.cat([patch, type_probs], dim=1)
     vec = vec.view(-1, 3, vec.shape[1])
     return [vec[:, v] for v in range(3)]
 
@@ -326,7 +335,8 @@ def classifier_samples(stage2, cfg: CascadeConfig, source, count, rng, device, l
         if mask[size // 2].sum() == 0 or mask[:, size // 2].sum() == 0 or mask[:, :, size // 2].sum() == 0:
             continue  # lesion clipped away at its nominal centre
         inputs, masks = lesion_view_inputs(x, prior, mask, half)
-        features.append(torch.cat(lesion_view_vectors(stage2, inputs, masks, device), dim=1).cpu())
+        features.append(torch.cat(lesion_view_vectors(stage2, inputs, masks, device, cfg.classifier_features),
+                                  dim=1).cpu())
         labels.append(LESION_TYPES.index(lesion.lesion_type))
         if len(labels) % 100 == 0:
             log(f"[classifier] {len(labels)}/{count} lesion samples ({time.time() - t0:.0f} s)")
@@ -356,7 +366,7 @@ def fit_classifier(features, labels, cfg: CascadeConfig, rng, epochs=400, log=pr
     order = torch.from_numpy(rng.permutation(n))
     n_val = max(1, int(0.15 * n))
     val, tr = order[:n_val], order[n_val:]
-    head = LesionClassifierHead(cfg.stage2.features)
+    head = LesionClassifierHead(cfg)
     head.feature_mean.copy_(features[tr].mean(0))
     head.feature_std.copy_(features[tr].std(0).clamp(min=1e-4))
     train_head(head, features[tr], labels[tr], epochs, lr=1e-3, batch=64)
@@ -368,7 +378,8 @@ def fit_classifier(features, labels, cfg: CascadeConfig, rng, epochs=400, log=pr
         accuracy = float((logits.argmax(1) == labels[val]).float().mean())
     log(f"[classifier] validation accuracy {accuracy:.3f}, temperature {temperature:.2f}")
     head.temperature.fill_(temperature)
-    return head, {"validation_accuracy": accuracy, "temperature": temperature, "samples": n}
+    return head, {"validation_accuracy": accuracy, "temperature": temperature, "samples": n,
+                  "features": cfg.classifier_features}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +394,7 @@ def final_checkpoint(run_dir, part: str) -> Path:
 
 
 def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, log=print, batch=16,
-                seed_offset=0, classifier_lesions=1200, domain=None):
+                seed_offset=0, classifier_lesions=4000, domain=None):
     """Train one stage into ``run_dir`` (resumable): "stage1", "stage2", "stage1_restart",
     "stage2_restart" or "classifier".
 
@@ -433,14 +444,16 @@ def _checkpoint_id(run_dir, payload) -> str:
 
 
 def classifier_is_current(run_dir) -> bool:
-    """True when the run's classifier was fitted on its final stage-2 weights (a classifier from
-    before a warm restart, or from a run that predates this record, must be fitted again)."""
+    """True when the run's classifier was fitted on its final stage-2 weights, with the lesion features
+    of the current configuration (a classifier from before a warm restart, from a run that predates
+    this record, or on pooled encoder features, must be fitted again)."""
     run_dir = Path(run_dir)
     if not (run_dir / "classifier.ckpt").exists():
         return False
     info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
     stage2 = torch.load(final_checkpoint(run_dir, "stage2"), map_location="cpu", weights_only=True)
-    return info.get("stage2") == _checkpoint_id(run_dir, stage2)
+    return (info.get("stage2") == _checkpoint_id(run_dir, stage2)
+            and info.get("features", "encoder") == CascadeConfig().classifier_features)
 
 
 def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_overrides: dict | None = None):
@@ -455,7 +468,7 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
         ckpt = run_dir / "classifier.ckpt" if part == "classifier" else final_checkpoint(run_dir, part)
         if not ckpt.exists():
             if part == "classifier":  # untrained head: pixel evidence only would be a different model
-                head = LesionClassifierHead(cfg.stage2.features)
+                head = LesionClassifierHead(cfg)
                 state.update({f"classifier.{k}": v for k, v in head.state_dict().items()})
                 continue
             raise FileNotFoundError(f"{ckpt} is missing: train {part} first")
@@ -473,7 +486,7 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
     return save_model(model_dir, state, card)
 
 
-def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=1200, device="auto", threads=None,
+def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=4000, device="auto", threads=None,
                 test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None,
                 validation_cases=24, steps1_restart=0, steps2_restart=0):
     """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, evaluate on

@@ -130,3 +130,20 @@ def test_warm_restarts_continue_the_first_cycles_and_refit_the_classifier_only_f
     for part in ("stage1", "stage2"):
         restart = torch.load(run / f"{part}_restart.ckpt", weights_only=True)["model"]
         assert torch.equal(state[f"{part}.{key}"], restart[key])
+
+
+def test_lesion_core_is_an_inner_part_of_the_lesion_on_all_three_centre_planes():
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:32, :32, :32]
+    ball = (zz - 16) ** 2 + (yy - 16) ** 2 + (xx - 16) ** 2 <= 10 ** 2
+    fractions = []
+    for _ in range(20):
+        core = T.lesion_core(ball, rng)
+        assert not (core & ~ball).any() and core[16].any() and core[:, 16].any() and core[:, :, 16].any()
+        fractions.append(core.sum() / ball.sum())
+    assert min(fractions) < 0.3 and max(fractions) > 0.8  # depth fractions up to a half: down to ~1/8 of the volume
+    # a one-voxel-thick lesion has no core: it is kept whole
+    sheet = np.zeros((32, 32, 32), bool)
+    sheet[16, 10:22, 10:22] = True
+    sheet[10:22, 16, 16] = True
+    assert np.array_equal(T.lesion_core(sheet, rng), sheet)

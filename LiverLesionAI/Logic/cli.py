@@ -361,7 +361,7 @@ def build_parser():
     t.add_argument("--steps2", type=int, default=2400)
     t.add_argument("--steps2-restart", type=int, default=1500,
                    help="steps of stage 2's warm restart (second learning-rate cycle on new phantoms; 0: none)")
-    t.add_argument("--classifier-lesions", type=int, default=4000)
+    t.add_argument("--classifier-lesions", type=int, default=3000)
     t.add_argument("--test-seeds", default="0-19", help="held-out phantom seeds for the model card metrics")
     t.add_argument("--test-max-in-plane", type=int, default=384, help="matrix cap of the phantom test cases")
     t.add_argument("--real-case", default=None, help="optional real case folder evaluated for the card")

@@ -116,7 +116,8 @@ def test_bfloat16_and_float32_agree_on_real_ct(shipped_model_dir):
     if not native_bf16(torch.device("cpu")):
         pytest.skip("this CPU has no native bfloat16: 'auto' is float32 here")
     ct = EvaluationCase("case_01", REAL_CASE).load_image()
-    fast = LiverLesionEngine(shipped_model_dir, device="cpu", precision="auto").segment(ct)
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="auto")
+    fast = engine.segment(ct)
     exact = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32").segment(ct)
 
     def dice(a, b):
@@ -125,7 +126,14 @@ def test_bfloat16_and_float32_agree_on_real_ct(shipped_model_dir):
     organ = lambda r: (r.liver_mask > 0) | (r.lesion_instances > 0)  # noqa: E731
     assert dice(organ(fast), organ(exact)) >= 0.995
     assert dice(fast.lesion_instances > 0, exact.lesion_instances > 0) >= 0.97
-    assert abs(len(fast.lesions) - len(exact.lesions)) <= 1
+    # only candidates at the filter's thresholds may flip (on the real CT two sit within 0.01 of the confidence one)
+    cfg = engine.config
+    for result, other in ((fast, exact), (exact, fast)):
+        for record in result.lesions:
+            if not (other.lesion_instances[result.lesion_instances == record.lesion_id] > 0).any():
+                evidence = result.lesion_evidence[record.lesion_id]
+                assert (abs(evidence["confidence"] - cfg.min_lesion_confidence) < 0.02
+                        or abs(evidence["surface_fraction"] - cfg.max_surface_fraction) < 0.1), evidence
     with pytest.raises(ValueError, match="precision"):
         LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp16")
 

@@ -17,9 +17,10 @@ def test_samplers_shapes_and_targets():
     cfg = CascadeConfig()
     rng = np.random.default_rng(0)
     source = T.PhantomSource(T.TRAIN_SEED_BASE, reuse=4)
-    x, y = T.stage1_batch(source, cfg, rng, batch=4)
-    assert x.shape == (4, 5, 96, 96) and y.shape == (4, 96, 96)
+    x, y, w = T.stage1_batch(source, cfg, rng, batch=4)
+    assert x.shape == (4, 5, 96, 96) and y.shape == (4, 96, 96) and w.shape == y.shape
     assert x.min() >= -1 and x.max() <= 1 and set(np.unique(y.numpy())) <= {0, 1}
+    assert w.min() >= 1 and (w[y == 0] == 1).all()  # only lesions (liver in stage 1's target) weigh more
     x2, y2, w2 = T.stage2_batch(source, cfg, rng, batch=4)
     assert x2.shape == (4, 4, 96, 96) and y2.max() <= 4 and w2.min() >= 1
 
@@ -32,6 +33,17 @@ def test_inverse_lesion_size_weights():
     small_total, large_total = w[inst == 1].sum(), w[inst == 2].sum()
     assert w[inst == 0].max() == 1 and w[inst == 1].min() == 25
     assert small_total / 4 > large_total / 900  # a small lesion's pixels weigh more
+
+
+def test_stage1_lesion_weights_cover_large_lesions():
+    inst = np.zeros((64, 64), np.uint16)
+    inst[2:4, 2:4] = 1  # 4 px at 3 mm: a 6 mm lesion
+    inst[10:50, 10:50] = 2  # 1600 px: a lesion of 12 cm
+    w = T.lesion_pixel_weights(inst, **T.STAGE1_LESION_WEIGHTS)
+    assert w[inst == 0].max() == 1
+    assert w[inst == 1].min() == pytest.approx(T.STAGE1_LESION_WEIGHTS["target_area"] / 4)  # inverse size
+    # the large lesion is not down-weighted to the liver's 1: carving it out of the liver must cost
+    assert w[inst == 2].min() == T.STAGE1_LESION_WEIGHTS["min_weight"] > 1
 
 
 def test_loss_prefers_correct_prediction():
@@ -147,3 +159,19 @@ def test_lesion_core_is_an_inner_part_of_the_lesion_on_all_three_centre_planes()
     sheet[16, 10:22, 10:22] = True
     sheet[10:22, 16, 16] = True
     assert np.array_equal(T.lesion_core(sheet, rng), sheet)
+
+
+def test_temperature_fit_recovers_a_known_temperature_beyond_the_old_grid():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, 3, generator=generator) * 12
+    for true_temperature in (1.5, 6.0):  # 6: past the 3.0 where v1-v5's grid ended
+        labels = torch.multinomial((logits / true_temperature).softmax(1), 1, generator=generator)[:, 0]
+        assert T.fit_temperature(logits, labels) == pytest.approx(true_temperature, rel=0.1)
+
+
+def test_expected_calibration_error_on_known_cases():
+    labels = torch.tensor([0, 1] * 500)
+    certain_of_class_0 = torch.tensor([[1.0, 0.0, 0.0]]).repeat(1000, 1)  # says 1.00, right half the time
+    assert T.expected_calibration_error(certain_of_class_0, labels) == pytest.approx(0.5)
+    honest = torch.tensor([[0.5, 0.3, 0.2]]).repeat(1000, 1)  # says 0.50, right half the time
+    assert T.expected_calibration_error(honest, labels) == pytest.approx(0.0, abs=1e-6)

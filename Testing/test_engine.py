@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from liverlesionai.engine import LiverLesionEngine
+from liverlesionai.errors import InputError
 from liverlesionai.phantom import generate_phantom_ct
 from liverlesionai.records import LESION_TYPES, CTVolume
 
@@ -151,3 +152,25 @@ def test_cards_before_v5_use_the_encoder_classifier_and_unknown_features_are_ref
     save_model(tmp_path / "m", state, card)
     with pytest.raises(ModelFileError, match="radiomics-v9"):
         LiverLesionEngine(tmp_path / "m", device="cpu")
+
+
+def test_a_given_liver_replaces_stage_1(all_lesion_model_dir, phantom_ct):
+    """Stage 1 of this model takes the whole CT for liver (no plausible liver); given the reference liver,
+    stage 2 (all lesion) fills that liver and a rim of at most ~10 mm around it, in any array order."""
+    ct, truth = phantom_ct
+    engine = LiverLesionEngine(all_lesion_model_dir, device="cpu")
+    assert any("No liver found" in m for m in engine.segment(ct).messages)
+    liver = (truth.liver_mask > 0) | (truth.lesion_instances > 0)
+    result = engine.segment(ct, liver_prior=liver)
+    organ = (result.liver_mask > 0) | (result.lesion_instances > 0)
+    assert organ[liver].mean() > 0.97
+    spacing = np.linalg.norm(ct.ijk_to_ras[:3, :3], axis=0)[::-1]
+    from scipy import ndimage
+    rim = ndimage.distance_transform_edt(~liver, sampling=spacing)
+    assert rim[organ].max() < 16.0
+    other, back = _flip_and_permute(ct)
+    forward = lambda a: np.transpose(a[::-1], (0, 2, 1))  # noqa: E731 (inverse of back)
+    result2 = engine.segment(other, liver_prior=forward(liver))
+    assert np.array_equal(back(result2.lesion_instances) > 0, result.lesion_instances > 0)
+    with pytest.raises(InputError, match="liver prior"):
+        engine.segment(ct, liver_prior=liver[1:])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .errors import LiverLesionAIError, ModelFileError
+from .errors import InputError, LiverLesionAIError, ModelFileError
 from .geometry import canonicalize, grid_bounds, resample_separable, sub_grid
 from .lesions import build_lesion_records
 from .model_io import load_model
@@ -166,20 +166,31 @@ class LiverLesionEngine:
                                   0.0, [message], self.version)
 
     # ------------------------------------------------------------------------------------------
-    def segment(self, ct: CTVolume, progress: Progress | None = None, force: bool = False) -> SegmentationResult:
+    def segment(self, ct: CTVolume, progress: Progress | None = None, force: bool = False,
+                liver_prior: np.ndarray | None = None) -> SegmentationResult:
+        """Liver, lesions and their types. ``liver_prior``, a liver mask (lesions included) in the CT's voxel
+        grid, replaces stage 1: stage 2 then looks for lesions in and around that liver."""
         progress = progress or _no_progress
         started = time.perf_counter()
         cfg = self.config
         progress(0.0, "Checking the CT")
         warnings = validate_ct(ct, force=force)
+        if liver_prior is not None and np.shape(liver_prior) != ct.voxels.shape:
+            raise InputError(f"The liver prior's shape {np.shape(liver_prior)} is not the CT's {ct.voxels.shape}.")
         canon = canonicalize(ct.voxels, ct.ijk_to_ras)
         lo, hi = grid_bounds(canon.grid)
 
-        progress(0.1, "Finding the liver (stage 1)")
         g1 = canonical_grid(lo, hi, cfg.stage1_spacing, multiple=self.stage1.divisor)
-        x1 = normalize_hu(resample_separable(canon.array, canon.grid, g1, 1, cval=-1024), cfg.hu_window)
         notes = []  # e.g. out-of-memory retries, shown with the result
-        liver_prob1 = self._predict_slabs(self.stage1, x1, notes=notes)[1].astype(np.float32)
+        if liver_prior is None:
+            progress(0.1, "Finding the liver (stage 1)")
+            x1 = normalize_hu(resample_separable(canon.array, canon.grid, g1, 1, cval=-1024), cfg.hu_window)
+            liver_prob1 = self._predict_slabs(self.stage1, x1, notes=notes)[1].astype(np.float32)
+        else:
+            progress(0.1, "Using the given liver")
+            prior = canonicalize((np.asarray(liver_prior) > 0).astype(np.float32), ct.ijk_to_ras).array
+            # clipped: an oblique CT is resampled with air (-1024) outside its box
+            liver_prob1 = np.clip(resample_separable(prior, canon.grid, g1, 1, cval=0.0), 0.0, 1.0)
         liver1 = largest_component(liver_prob1 > 0.5)
         liver1_ml = liver1.sum() * np.prod(g1.spacing) / 1000
         if liver1_ml < MIN_LIVER_ML or liver1_ml > MAX_LIVER_ML:

@@ -95,3 +95,52 @@ def test_several_inputs_and_phantom_folder(tiny_model_dir, tmp_path):
     assert len(produced) == 8 and "phantom_00003.seg.nrrd" in produced
     assert main(["evaluate", str(tiny_model_dir), str(tmp_path / "cases"), "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["n_cases"] == 2
+
+
+def test_segment_inside_the_reference_liver_of_the_real_case(tmp_path, shipped_model_dir):
+    """--liver-mask replaces stage 1: with the expert liver of the real CT, the liver is the expert's and the
+    largest tumour is found inside it."""
+    if not REAL_IMAGE.exists():
+        pytest.skip("real case not available")
+    from liverlesionai.datasets import find_cases
+    from liverlesionai.evaluation import evaluate_case
+    from liverlesionai.segfile import read_seg_nrrd
+
+    label = REAL_IMAGE.parent / "label.nii.gz"
+    out = tmp_path / "out"
+    assert main(["segment", str(REAL_IMAGE), "-o", str(out), "--model", str(shipped_model_dir), "--threads", "2",
+                 "--liver-mask", str(label)]) == 0
+    data = json.loads((out / "case_01.lesions.json").read_text())
+    assert data["liver_mask"] == "label.nii.gz"
+    assert any("given liver mask" in m for m in data["messages"])
+    case = next(c for c in find_cases(REAL_IMAGE.parent.parent) if c.case_id == "case_01")
+    ct, truth = case.load_image(), case.load_truth()
+    seg = read_seg_nrrd(out / "case_01.seg.nrrd")
+    prediction = {"liver_mask": seg.liver_mask, "lesion_instances": seg.lesion_instances,
+                  "lesion_types": {r.lesion_id: r.lesion_type for r in seg.lesions}}
+    metrics = evaluate_case(prediction, truth, ct.ijk_to_ras, "case_01")
+    assert metrics["liver_dice"] >= 0.95
+    largest = int(np.argmax(np.bincount(truth["lesion_instances"].ravel())[1:]) + 1)
+    assert any(m["gt_id"] == largest for m in metrics["matches"])
+
+
+def test_liver_mask_errors_are_clear_and_write_nothing(tiny_model_dir, tmp_path, capsys):
+    assert main(["phantoms", str(tmp_path / "cases"), "--seeds", "3,4", "--max-in-plane", "96"]) == 0
+    image3, image4 = (tmp_path / "cases" / f"phantom_0000{s}" / "image.nii.gz" for s in (3, 4))
+    label4 = image4.parent / "label.nii.gz"
+    out = tmp_path / "out"
+    common = ["-o", str(out), "--model", str(tiny_model_dir)]
+    assert main(["segment", str(image3), str(image4), *common, "--liver-mask", str(label4)]) == 2
+    assert "exactly one input" in capsys.readouterr().err
+    assert main(["segment", str(image3), *common, "--liver-mask", str(label4)]) == 2
+    assert "label.nii.gz is not on the CT's voxel grid" in capsys.readouterr().err
+    empty = tmp_path / "empty.nii.gz"
+    from liverlesionai.volume_io import read_ct, write_volume
+
+    label = read_ct(label4)
+    write_volume(empty, np.zeros(label.voxels.shape, np.uint8), label.ijk_to_ras)
+    assert main(["segment", str(image4), *common, "--liver-mask", str(empty)]) == 2
+    assert "empty.nii.gz is empty" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["segment", str(image4), *common, "--liver-mask", str(label4)]) == 0
+    assert json.loads((out / "phantom_00004.lesions.json").read_text())["liver_mask"] == "label.nii.gz"

@@ -130,6 +130,23 @@ def _check_outdir(outdir: Path):
         raise OutputError(f"The output folder {outdir} is not writable.") from None
 
 
+def read_liver_mask(path, ct):
+    """A liver mask (voxels > 0, lesions included) that must lie on ``ct``'s voxel grid."""
+    import numpy as np
+
+    from .volume_io import read_ct
+
+    mask = read_ct(path)
+    name = Path(path).name
+    if mask.voxels.shape != ct.voxels.shape or not np.allclose(mask.ijk_to_ras, ct.ijk_to_ras, atol=1e-3):
+        raise InputError(f"The liver mask {name} is not on the CT's voxel grid (mask {mask.voxels.shape}, CT "
+                         f"{ct.voxels.shape}, or another position, spacing or orientation); resample it first.")
+    liver = mask.voxels > 0
+    if not liver.any():
+        raise InputError(f"The liver mask {name} is empty (no voxel > 0).")
+    return liver
+
+
 def cmd_segment(args):
     from .engine import LiverLesionEngine
     from .report import format_lesion_table
@@ -137,6 +154,8 @@ def cmd_segment(args):
 
     outdir = Path(args.output)
     inputs = _expand_inputs(args.inputs)
+    if args.liver_mask and len(inputs) != 1:
+        raise InputError(f"--liver-mask goes with exactly one input CT ({len(inputs)} given).")
     _check_outdir(outdir)
     for path in recover_interrupted_outputs(outdir):
         print(f"removed {path.name}: left incomplete by an interrupted run", file=sys.stderr)
@@ -153,12 +172,15 @@ def cmd_segment(args):
             emit(n, 0.0, f"Reading {path.name}")
             ct = read_ct(path, series_uid=args.series_uid)
             started = time.perf_counter()
-            result = engine.segment(ct, progress=lambda f, m: emit(n, 0.05 + 0.85 * f, m), force=args.force)
+            liver_prior = read_liver_mask(args.liver_mask, ct) if args.liver_mask else None
+            result = engine.segment(ct, progress=lambda f, m: emit(n, 0.05 + 0.85 * f, m), force=args.force,
+                                    liver_prior=liver_prior)
             seconds = time.perf_counter() - started
             emit(n, 0.92, "Writing results")
-            files = write_case_outputs(outdir, name, ct, result,
-                                       {"case": name, "input": path.name, "seconds": round(seconds, 2),
-                                        "device": str(engine.device)})
+            provenance = {"case": name, "input": path.name, "seconds": round(seconds, 2), "device": str(engine.device)}
+            if args.liver_mask:
+                provenance["liver_mask"] = Path(args.liver_mask).name
+            files = write_case_outputs(outdir, name, ct, result, provenance)
             emit(n, 1.0, "Done")
         except InputError as e:
             if len(inputs) == 1:
@@ -308,7 +330,7 @@ def cmd_demo(args):
         write_phantom_case(case, args.seed, max_in_plane=args.max_in_plane)
     ns = argparse.Namespace(inputs=[str(case / "image.nii.gz")], output=str(out), model=args.model,
                             device=args.device, threads=args.threads, precision=args.precision, progress_json=False,
-                            series_uid=None, force=False)
+                            series_uid=None, force=False, liver_mask=None)
     return cmd_segment(ns)
 
 
@@ -334,6 +356,9 @@ def build_parser():
     s.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")
     s.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
     s.add_argument("--force", action="store_true", help="run on volumes that do not look like CT in HU")
+    s.add_argument("--liver-mask", help="label volume on the CT's grid whose voxels > 0 are the liver (lesions "
+                                        "included), e.g. a reviewed one: lesions are searched in it instead of "
+                                        "in stage 1's liver; one input only")
     engine_options(s)
     s.set_defaults(func=cmd_segment)
 

@@ -188,6 +188,7 @@ class LiverLesionEngine:
             liver_prob1 = self._predict_slabs(self.stage1, x1, notes=notes)[1].astype(np.float32)
         else:
             progress(0.1, "Using the given liver")
+            notes.append("Lesions were searched in the given liver mask (stage 1 not run).")
             prior = canonicalize((np.asarray(liver_prior) > 0).astype(np.float32), ct.ijk_to_ras).array
             # clipped: an oblique CT is resampled with air (-1024) outside its box
             liver_prob1 = np.clip(resample_separable(prior, canon.grid, g1, 1, cval=0.0), 0.0, 1.0)

@@ -123,6 +123,7 @@ class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.setParameterNode(None))
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.lesionsInLiverButton.connect("clicked(bool)", lambda: self.onApply(inReviewedLiver=True))
         self.ui.cancelButton.connect("clicked(bool)", self.logic.cancel)
         self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
         self.ui.lesionTable.connect("cellClicked(int,int)", self.onRowClicked)
@@ -172,6 +173,7 @@ class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onParameterNodeModified(self, caller=None, event=None):
         p = self._parameterNode
         self.ui.applyButton.enabled = bool(p and p.inputVolume) and not self.logic.isRunning()
+        self.ui.lesionsInLiverButton.enabled = self.ui.applyButton.enabled and bool(p.segmentation)
         seg = p.segmentation if p else None
         if seg is not self.ui.segmentEditorWidget.segmentationNode():
             self.ui.segmentEditorWidget.setSegmentationNode(seg)
@@ -255,13 +257,15 @@ class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshModelVersions(select=version)
             self.ui.finetuneStatusLabel.text = _("Model in use: {0}").format(version)
 
-    def onApply(self):
+    def onApply(self, inReviewedLiver=False):
         with slicer.util.tryWithErrorDisplay(_("Segment & Classify could not start."), waitCursor=True):
             self.logic.ensureDependencies()
             p = self._parameterNode
             self.ui.progressBar.show()
-            self.logic.startSegmentation(p.inputVolume, p.model, p.device, self.onProgress, self.onFinished)
-            self.ui.applyButton.enabled, self.ui.cancelButton.enabled = False, True
+            self.logic.startSegmentation(p.inputVolume, p.model, p.device, self.onProgress, self.onFinished,
+                                         liverSegmentation=p.segmentation if inReviewedLiver else None)
+            self.ui.applyButton.enabled = self.ui.lesionsInLiverButton.enabled = False
+            self.ui.cancelButton.enabled = True
 
     def onProgress(self, fraction, message):
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -392,12 +396,23 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
     def isRunning(self):
         return self._process is not None
 
-    def startSegmentation(self, volumeNode, version, device, onProgress, onFinished):
+    def startSegmentation(self, volumeNode, version, device, onProgress, onFinished, liverSegmentation=None):
+        """Segment & Classify in a background process; with ``liverSegmentation``, lesions are searched inside
+        its reviewed liver (slicer_worker.write_liver_mask_for_worker) and the result is a new node."""
         if self.isRunning():
             raise RuntimeError(_("A segmentation is already running."))
         self._workDir = tempfile.mkdtemp(prefix="LiverLesionAI-")
-        ctPath = slicer_worker.write_volume_for_worker(volumeNode, self._workDir)
-        args = slicer_worker.segment_command(ctPath, os.path.join(self._workDir, "out"), self.modelPath(version), device)
+        try:
+            ctPath = slicer_worker.write_volume_for_worker(volumeNode, self._workDir)
+            maskPath = (slicer_worker.write_liver_mask_for_worker(liverSegmentation, volumeNode, self._workDir)
+                        if liverSegmentation is not None else None)
+        except Exception:
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            raise
+        resultName = (_("{0} lesions in reviewed liver").format(volumeNode.GetName())
+                      if liverSegmentation is not None else None)
+        args = slicer_worker.segment_command(ctPath, os.path.join(self._workDir, "out"), self.modelPath(version), device,
+                                             liver_mask=maskPath)
         self._process = process = qt.QProcess()
         process.setProcessChannelMode(qt.QProcess.MergedChannels)
         output, pending = [], [""]
@@ -417,7 +432,8 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
                 try:
                     if exitStatus != qt.QProcess.NormalExit or exitCode != 0:
                         raise RuntimeError("\n".join(output[-15:]) or _("The segmentation process failed."))
-                    segNode = slicer_worker.load_worker_result(slicer.mrmlScene, volumeNode, os.path.join(self._workDir, "out"))
+                    segNode = slicer_worker.load_worker_result(slicer.mrmlScene, volumeNode,
+                                                               os.path.join(self._workDir, "out"), resultName)
                     mrml.show_surfaces(segNode)
                     message = _("Done: {0} lesion(s).").format(len(mrml.lesion_segment_ids(segNode)))
                 except Exception as error:

@@ -163,6 +163,9 @@ def test_worker_protocol_helpers(tmp_path):
     args = slicer_worker.segment_command(tmp_path / "ct.nrrd", tmp_path / "out", "/m", "cpu")
     assert args[1] == str(slicer_worker.WORKER_SCRIPT) and args[2] == "segment" and "--progress-json" in args
     assert args[args.index("--model") + 1] == "/m" and args[args.index("--device") + 1] == "cpu"
+    assert "--liver-mask" not in args
+    args = slicer_worker.segment_command(tmp_path / "ct.nrrd", tmp_path / "out", liver_mask=tmp_path / "liver.nrrd")
+    assert args[args.index("--liver-mask") + 1] == str(tmp_path / "liver.nrrd")
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("# comment\nnumpy>=1.0\nnumpy>=999\nno-such-package-liverlesionai>=1\n")
     assert slicer_worker.missing_requirements(requirements) == ["numpy>=999", "no-such-package-liverlesionai>=1"]
@@ -192,3 +195,32 @@ def test_review_scenario_with_the_engine(case, tmp_path):
     checks = selftest.run_review_scenario(scene, volume, engine, tmp_path)
     assert selftest.failed_checks(checks) == [], checks["_details"]
     assert "classify_on_demand" in checks  # the engine found a liver to paint a lesion in
+
+
+def test_lesions_searched_again_inside_the_reviewed_liver(case, tmp_path, tiny_model_dir):
+    """The panel's "Find lesions in this liver": the reviewed liver (Liver segment + lesions not rejected,
+    holes filled) goes to the worker on the CT's grid, and the worker's command line accepts it."""
+    from scipy import ndimage
+
+    from liverlesionai.cli import main, read_liver_mask
+
+    scene, ct, volume, result = case
+    seg = mrml.add_result_to_scene(scene, volume, result)
+    try:
+        lesion_ids = mrml.lesion_ids_by_segment(seg)
+        rejected_segment, rejected_id = max(lesion_ids.items(), key=lambda kv: (result.lesion_instances == kv[1]).sum())
+        mrml.set_review_status(seg, rejected_segment, "rejected")
+        ct_path = slicer_worker.write_volume_for_worker(volume, tmp_path)
+        mask_path = slicer_worker.write_liver_mask_for_worker(seg, volume, tmp_path)
+        mask = read_liver_mask(mask_path, read_ct(ct_path))  # on the CT's grid, or this raises
+        kept = (result.liver_mask > 0) | ((result.lesion_instances > 0) & (result.lesion_instances != rejected_id))
+        assert np.array_equal(mask, ndimage.binary_fill_holes(kept))
+        rejected = result.lesion_instances == rejected_id
+        assert mask[rejected].sum() < rejected.sum()  # the rejected (largest) tumour reaches the surface: left out
+        assert main(["segment", str(ct_path), "-o", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                     "--liver-mask", str(mask_path)]) == 0
+        seg.GetSegmentation().RemoveSegment(mrml.LIVER_SEGMENT_ID)
+        with pytest.raises(InputError, match="no Liver segment"):
+            slicer_worker.write_liver_mask_for_worker(seg, volume, tmp_path / "again")
+    finally:
+        scene.RemoveNode(seg)

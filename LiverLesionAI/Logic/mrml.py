@@ -198,7 +198,7 @@ def volume_node_from_ct(scene, ct: CTVolume, name: str | None = None):
     return node
 
 
-def _world_ijk_to_ras(node) -> np.ndarray:
+def world_ijk_to_ras(node) -> np.ndarray:
     """IJK-to-RAS of a volume or labelmap node in world coordinates (its linear parent transform applied)."""
     import vtk
 
@@ -225,7 +225,7 @@ def ct_from_volume_node(node) -> CTVolume:
         raise InputError(f"'{node.GetName()}' is not a scalar (greyscale) volume; select the CT.")
     if node.GetImageData() is None:
         raise InputError(f"The volume '{node.GetName()}' holds no voxel data.")
-    return CTVolume(_array_from_image_data(node.GetImageData()), _world_ijk_to_ras(node), node.GetName())
+    return CTVolume(_array_from_image_data(node.GetImageData()), world_ijk_to_ras(node), node.GetName())
 
 
 # ----------------------------------------------------------------------------- result -> segmentation
@@ -260,7 +260,7 @@ def _new_segment(name: str, color):
 def add_result_to_scene(scene, volume_node, result: SegmentationResult, name: str | None = None):
     """One segmentation node (one shared labelmap layer) with the liver and one segment per lesion."""
     slicer = _slicer()
-    ct_ijk_to_ras = _world_ijk_to_ras(volume_node)
+    ct_ijk_to_ras = world_ijk_to_ras(volume_node)
     shape = _array_from_image_data(volume_node.GetImageData()).shape
     for what, array in (("liver mask", result.liver_mask), ("lesion map", result.lesion_instances)):
         if array.shape != shape:
@@ -347,7 +347,7 @@ def set_segment_mask(seg_node, segment_id: str, mask: np.ndarray, volume_node) -
     """Replace a segment's voxels with ``mask`` (on the CT's grid), as a Segment Editor edit would."""
     slicer = _slicer()
     _segment(seg_node, segment_id)
-    image = _oriented_labelmap(np.asarray(mask, dtype=bool).astype(np.uint8), _world_ijk_to_ras(volume_node))
+    image = _oriented_labelmap(np.asarray(mask, dtype=bool).astype(np.uint8), world_ijk_to_ras(volume_node))
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(image, seg_node, segment_id, logic.MODE_REPLACE):
         raise OutputError(f"Could not update the voxels of segment '{segment_id}'.")
@@ -447,7 +447,7 @@ def segment_masks(seg_node, volume_node, segment_ids: list[str]) -> np.ndarray:
         if not ok:
             raise OutputError(f"The segments of '{seg_node.GetName()}' could not be resampled to the CT grid.")
         labels = _array_from_image_data(labelmap.GetImageData())
-        if not np.allclose(_world_ijk_to_ras(labelmap), _world_ijk_to_ras(volume_node), atol=1e-4):
+        if not np.allclose(world_ijk_to_ras(labelmap), world_ijk_to_ras(volume_node), atol=1e-4):
             raise OutputError("The exported segments do not lie on the CT's voxel grid.")
         return labels
     finally:
@@ -456,6 +456,24 @@ def segment_masks(seg_node, volume_node, segment_ids: list[str]) -> np.ndarray:
         scene.RemoveNode(labelmap)
         if color is not None and color.GetSaveWithScene():  # the export made it for this labelmap only
             scene.RemoveNode(color)
+
+
+def reviewed_liver_mask(seg_node, volume_node) -> np.ndarray:
+    """The liver as reviewed, in the CT's voxel grid: the Liver segment and every lesion not rejected, holes
+    filled (a rejected lesion inside the liver is liver); for searching lesions again inside it."""
+    from scipy import ndimage
+
+    from .segfile import TAG_PREFIX
+
+    segmentation = seg_node.GetSegmentation()
+    if segmentation.GetSegment(LIVER_SEGMENT_ID) is None:
+        raise InputError(f"The segmentation '{seg_node.GetName()}' has no Liver segment.")
+    kept = [sid for sid in lesion_segment_ids(seg_node)
+            if _segment_tag(segmentation.GetSegment(sid), TAG_PREFIX + "ReviewStatus") != "rejected"]
+    mask = ndimage.binary_fill_holes(segment_masks(seg_node, volume_node, [LIVER_SEGMENT_ID, *kept]) > 0)
+    if not mask.any():
+        raise InputError(f"The Liver segment of '{seg_node.GetName()}' is empty.")
+    return mask
 
 
 def _string_array(values):

@@ -51,13 +51,16 @@ def default_threads() -> int:
 
 def segment_command(
     input_path: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None, device: str = "auto",
-    force: bool = False,
+    force: bool = False, liver_mask: str | os.PathLike | None = None,
 ) -> list[str]:
-    """Program and arguments that segment ``input_path`` into ``output_dir`` with JSON progress lines."""
+    """Program and arguments that segment ``input_path`` into ``output_dir`` with JSON progress lines (inside
+    the liver of ``liver_mask`` when given)."""
     args = [python_executable(), str(WORKER_SCRIPT), "segment", str(input_path), "-o", str(output_dir),
             "--progress-json", "--device", device, "--threads", str(default_threads())]
     if force:
         args.append("--force")
+    if liver_mask:
+        args += ["--liver-mask", str(liver_mask)]
     if model:
         args += ["--model", str(model)]
     return args
@@ -120,6 +123,16 @@ def write_volume_for_worker(volume_node, folder: str | os.PathLike) -> Path:
     if not storage.WriteData(volume_node):
         raise OutputError(f"Could not write the CT to the temporary folder {folder}.")
     return path
+
+
+def write_liver_mask_for_worker(seg_node, volume_node, folder: str | os.PathLike) -> Path:
+    """The reviewed liver (mrml.reviewed_liver_mask) as NRRD on the CT's grid, for ``segment --liver-mask``."""
+    from . import mrml
+    from .volume_io import write_volume
+
+    mask = mrml.reviewed_liver_mask(seg_node, volume_node)
+    path = Path(folder) / "reviewed_liver.nrrd"
+    return write_volume(path, mask.astype("uint8"), mrml.world_ijk_to_ras(volume_node))
 
 
 def find_result_file(output_dir: str | os.PathLike) -> Path:

@@ -64,9 +64,7 @@ def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
         ct = case.load_image()
         t0 = time.time()
         pred = engine.segment(ct)
-        m = evaluate_case({"liver_mask": pred.liver_mask, "lesion_instances": pred.lesion_instances,
-                           "lesion_types": {r.lesion_id: r.lesion_type for r in pred.lesions}},
-                          case.load_truth(), ct.ijk_to_ras, case_id=case.case_id)
+        m = evaluate_case(pred.as_prediction(), case.load_truth(), ct.ijk_to_ras, case_id=case.case_id)
         m["seconds"] = round(time.time() - t0, 1)
         path.write_text(json.dumps(m))
         results.append(m)

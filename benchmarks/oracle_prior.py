@@ -38,10 +38,7 @@ def main(argv=None):
 
     engine = LiverLesionEngine(args.model, device="cpu", threads=args.threads, precision="fp32")
     def run(case_id, ct, truth, liver_prior):
-        result = engine.segment(ct, liver_prior=liver_prior)
-        prediction = {"liver_mask": result.liver_mask, "lesion_instances": result.lesion_instances,
-                      "lesion_types": {r.lesion_id: r.lesion_type for r in result.lesions}}
-        return evaluate_case(prediction, truth, ct.ijk_to_ras, case_id)
+        return evaluate_case(engine.segment(ct, liver_prior=liver_prior).as_prediction(), truth, ct.ijk_to_ras, case_id)
 
     started, per_case, lesions = time.time(), [], []
     for case in find_cases(args.cases):

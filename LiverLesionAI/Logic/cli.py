@@ -248,9 +248,7 @@ def evaluate_model_or_predictions(source, dataset_dir, device="auto", threads=No
                 raise InputError(f"No prediction {seg.name} in {source} for case {case.case_id}.")
             pred = read_seg_nrrd(seg)
         seconds = time.perf_counter() - started
-        pred_case = {"liver_mask": pred.liver_mask, "lesion_instances": pred.lesion_instances,
-                     "lesion_types": {r.lesion_id: r.lesion_type for r in pred.lesions}}
-        metrics = evaluate_case(pred_case, truth, ct.ijk_to_ras, case_id=case.case_id)
+        metrics = evaluate_case(pred.as_prediction(), truth, ct.ijk_to_ras, case_id=case.case_id)
         metrics["seconds"] = round(seconds, 2)
         results.append(metrics)
         det = metrics["detection"]

@@ -259,9 +259,7 @@ def _metrics(engine, cases) -> dict:
     results = []
     for case_id, ct, truth in cases:
         pred = engine.segment(ct)
-        pred_case = {"liver_mask": pred.liver_mask, "lesion_instances": pred.lesion_instances,
-                     "lesion_types": {r.lesion_id: r.lesion_type for r in pred.lesions}}
-        results.append(evaluate_case(pred_case, truth, ct.ijk_to_ras, case_id=case_id))
+        results.append(evaluate_case(pred.as_prediction(), truth, ct.ijk_to_ras, case_id=case_id))
     s = aggregate(results)
     out = {"lesion_dice": s["global_lesion_dice"], "liver_dice": s["mean_liver_dice"],
            "detection_f1": s["detection"]["f1"], "type_accuracy": s["type_accuracy"]}

@@ -102,3 +102,8 @@ class SegmentationResult:
     model_version: str = ""
     # lesion id -> {"confidence": mean lesion probability, "surface_fraction": share near the liver surface}
     lesion_evidence: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def as_prediction(self) -> dict:
+        """The masks and types in the form evaluation.evaluate_case compares with ground truth."""
+        return {"liver_mask": self.liver_mask, "lesion_instances": self.lesion_instances,
+                "lesion_types": {r.lesion_id: r.lesion_type for r in self.lesions}}

@@ -610,9 +610,7 @@ def candidate_evidence(engine, cases):
     confidence, surface, is_tp, missed = [], [], [], 0
     for case_id, ct, truth in cases:
         result = engine.segment(ct)
-        pred = {"liver_mask": result.liver_mask, "lesion_instances": result.lesion_instances,
-                "lesion_types": {r.lesion_id: r.lesion_type for r in result.lesions}}
-        metrics = evaluate_case(pred, truth, ct.ijk_to_ras, case_id)
+        metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id)
         matched = {m["pred_id"] for m in metrics["matches"]}
         missed += metrics["detection"]["fn"]
         for lesion_id, evidence in result.lesion_evidence.items():

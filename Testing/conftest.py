@@ -12,15 +12,17 @@ torch.set_num_threads(1)  # the machine is shared with a training run
 
 # LIVERLESIONAI_TEST_MODEL points the "shipped model" tests at another model folder (e.g. a new build)
 SHIPPED_MODEL = Path(os.environ.get("LIVERLESIONAI_TEST_MODEL") or
-                     Path(__file__).resolve().parents[1] / "LiverLesionAI/Resources/Models/liverlesionai-v5.1")
+                     Path(__file__).resolve().parents[1] / "LiverLesionAI/Resources/Models/liverlesionai-v5.2")
 
 
 def make_tiny_model(model_dir, seed: int = 0, liver_bias: float | None = None, lesion_bias: float | None = None,
-                    version: str = "test", classifier_features: str = "descriptors") -> Path:
+                    version: str = "test", classifier_features: str = "descriptors", stage2_liver_bias: float = 0.0,
+                    lesion_threshold: float | None = None) -> Path:
     """A complete, loadable LiverLesionAI model with small random networks.
 
     ``liver_bias`` shifts stage 1's liver logit (large negative: the model never finds a liver;
-    large positive: everything is liver); ``lesion_bias`` shifts stage 2's lesion logits. These give
+    large positive: everything is liver); ``lesion_bias`` shifts stage 2's lesion logits (and
+    ``stage2_liver_bias`` its liver logit). These give
     deterministic behaviour ("no liver", "liver full of lesion") without a trained model.
     ``classifier_features="encoder"`` builds the classifier of models up to v4 (pooled encoder features).
     """
@@ -32,7 +34,7 @@ def make_tiny_model(model_dir, seed: int = 0, liver_bias: float | None = None, l
     cfg = CascadeConfig(stage1=UNetConfig(in_channels=5, num_classes=2, features=feats, convs_per_stage=1),
                         stage2=UNetConfig(in_channels=4, num_classes=5, features=feats, convs_per_stage=1),
                         stage1_spacing=(6.0, 6.0, 6.0), stage2_spacing=(3.0, 3.0, 3.0), classifier_patch=16,
-                        classifier_features=classifier_features)
+                        classifier_features=classifier_features, lesion_threshold=lesion_threshold)
     nets = {"stage1": UNet2p5D(cfg.stage1), "stage2": UNet2p5D(cfg.stage2),
             "classifier": LesionClassifierHead(cfg)}
     with torch.no_grad():
@@ -40,7 +42,7 @@ def make_tiny_model(model_dir, seed: int = 0, liver_bias: float | None = None, l
             nets["stage1"].decoder.head.bias[:] = torch.tensor([0.0, liver_bias])
             nets["stage1"].decoder.head.weight.zero_()
         if lesion_bias is not None:
-            nets["stage2"].decoder.head.bias[:] = torch.tensor([0.0, 0.0] + [lesion_bias] * 3)
+            nets["stage2"].decoder.head.bias[:] = torch.tensor([0.0, stage2_liver_bias] + [lesion_bias] * 3)
             nets["stage2"].decoder.head.weight.zero_()
     state = {f"{prefix}.{k}": v for prefix, net in nets.items() for k, v in net.state_dict().items()}
     save_model(model_dir, state, {"name": "tiny test model", "architecture": cfg.to_dict(), "version": version})

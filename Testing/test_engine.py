@@ -154,6 +154,43 @@ def test_cards_before_v5_use_the_encoder_classifier_and_unknown_features_are_ref
         LiverLesionEngine(tmp_path / "m", device="cpu")
 
 
+def test_lesion_threshold_on_the_summed_type_probabilities(tmp_path, phantom_ct):
+    """Stage 2 here gives every pixel liver 0.30 and each lesion type 0.20 (lesion 0.60 in all): the per-pixel
+    argmax (cards without a lesion threshold) calls it liver, a threshold of 0.5 on the summed types calls it
+    lesion, one of 0.65 liver again."""
+    from conftest import make_tiny_model
+    from liverlesionai.model_io import load_model
+
+    ct, truth = phantom_ct
+    liver = (truth.liver_mask > 0) | (truth.lesion_instances > 0)
+    found = {}
+    for threshold in (None, 0.5, 0.65):
+        model = make_tiny_model(tmp_path / str(threshold), liver_bias=20.0, lesion_bias=0.6, stage2_liver_bias=1.0,
+                                lesion_threshold=threshold)
+        assert load_model(model)[1]["architecture"]["lesion_threshold"] == threshold
+        result = LiverLesionEngine(model, device="cpu").segment(ct, liver_prior=liver)
+        organ = (result.liver_mask > 0) | (result.lesion_instances > 0)
+        assert organ[liver].mean() > 0.97, threshold
+        found[threshold] = (result.lesion_instances[liver] > 0).mean()
+    assert found[None] == 0.0 and found[0.65] == 0.0
+    assert found[0.5] > 0.9
+
+
+def test_fill_holes_per_slice_closes_cavities_and_tunnels_but_not_notches():
+    from liverlesionai.engine import fill_holes_per_slice
+
+    organ = np.zeros((12, 20, 20), bool)
+    organ[1:11, 2:18, 2:18] = True
+    organ[4:7, 8:11, 8:11] = False  # a cavity: a hole in 3D
+    organ[:, 5:7, 13:15] = False  # a tunnel through every slice: no hole in 3D, one in each slice
+    organ[3:6, 9:12, 15:18] = False  # a notch open to the side: a bite, not a hole
+    filled = fill_holes_per_slice(organ)
+    assert filled[4:7, 8:11, 8:11].all() and filled[1:11, 5:7, 13:15].all()
+    assert not filled[3:6, 9:12, 15:18].any()
+    assert not filled[0].any() and not filled[11].any()  # the tunnel's openings beyond the organ stay outside
+    assert (filled >= organ).all()
+
+
 def test_a_given_liver_replaces_stage_1(all_lesion_model_dir, phantom_ct):
     """Stage 1 of this model takes the whole CT for liver (no plausible liver); given the reference liver,
     stage 2 (all lesion) fills that liver and a rim of at most ~10 mm around it, in any array order."""

@@ -175,3 +175,33 @@ def test_expected_calibration_error_on_known_cases():
     assert T.expected_calibration_error(certain_of_class_0, labels) == pytest.approx(0.5)
     honest = torch.tensor([[0.5, 0.3, 0.2]]).repeat(1000, 1)  # says 0.50, right half the time
     assert T.expected_calibration_error(honest, labels) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tuning_chooses_the_lesion_rule_with_the_filter(tmp_path, shipped_model_dir):
+    """build_model's tuning tries every lesion rule (threshold, holes filled or not) with its best candidate
+    filter and keeps the one of highest validation F1; on a tie, holes unfilled and the stricter threshold."""
+    from liverlesionai.datasets import write_phantom_case
+    from liverlesionai.model_io import save_model
+
+    for seed in (500_003, 500_019):  # validation seeds with lesions of all sizes
+        write_phantom_case(tmp_path / "val" / f"phantom_{seed}", seed, max_in_plane=160)
+    untuned = tmp_path / "untuned"
+    state, card = load_model(shipped_model_dir)
+    architecture = {**card["architecture"], "min_lesion_confidence": 0.0, "max_surface_fraction": 1.0}
+    save_model(untuned, state, {"name": "untuned", "architecture": architecture})
+
+    logs = []
+    tuning = T.tune_candidate_filter(untuned, tmp_path / "val", device="cpu", log=logs.append, precision="fp32",
+                                     lesion_thresholds=(None, 0.2))
+    by_rule = tuning["validation_f1_by_lesion_rule"]
+    assert list(by_rule) == ["argmax", "0.2", "argmax, holes filled", "0.2, holes filled"]
+    best = max(by_rule.values())
+    first_best = next(k for k, v in by_rule.items() if round(v, 4) == round(best, 4))
+    assert tuning["validation_f1"] == best
+    assert (tuning["lesion_threshold"], tuning["fill_liver_holes"]) == {
+        "argmax": (None, False), "0.2": (0.2, False), "argmax, holes filled": (None, True),
+        "0.2, holes filled": (0.2, True)}[first_best]
+    assert sum("lesion rule" in line for line in logs) == 4
+    alone = T.tune_candidate_filter(untuned, tmp_path / "val", device="cpu", log=logs.append, precision="fp32",
+                                    lesion_thresholds=(0.2,), fill_liver_holes=(False,))
+    assert alone["lesion_threshold"] == 0.2 and alone["validation_f1"] == by_rule["0.2"]

@@ -193,6 +193,9 @@ class LiverLesionEngine:
             # clipped: an oblique CT is resampled with air (-1024) outside its box
             liver_prob1 = np.clip(resample_separable(prior, canon.grid, g1, 1, cval=0.0), 0.0, 1.0)
         liver1 = largest_component(liver_prob1 > 0.5)
+        if cfg.fill_liver_holes and liver_prior is None:
+            holes = fill_holes_per_slice(liver1) & ~liver1
+            liver_prob1[holes], liver1 = 1.0, liver1 | holes
         liver1_ml = liver1.sum() * np.prod(g1.spacing) / 1000
         if liver1_ml < MIN_LIVER_ML or liver1_ml > MAX_LIVER_ML:
             reason = ("is the upper abdomen in the field of view?" if liver1_ml < MIN_LIVER_ML else
@@ -215,9 +218,12 @@ class LiverLesionEngine:
         labels2 = probs2.argmax(0)
         near_liver = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / cfg.stage2_spacing[0])))
         liver_region = largest_component((labels2 >= 1) & near_liver)
-        lesion_mask = (labels2 >= STAGE2_FIRST_LESION) & liver_region
-        instances2, n = ndimage.label(lesion_mask, structure=np.ones((3, 3, 3)))
         lesion_prob2 = probs2[STAGE2_FIRST_LESION:].astype(np.float32).sum(0)
+        if cfg.lesion_threshold is None:
+            lesion_mask = (labels2 >= STAGE2_FIRST_LESION) & liver_region
+        else:
+            lesion_mask = (lesion_prob2 >= cfg.lesion_threshold) & liver_region
+        instances2, n = ndimage.label(lesion_mask, structure=np.ones((3, 3, 3)))
         keep, evidence2 = _lesion_candidates(instances2, n, lesion_prob2, liver_region, cfg)
 
         progress(0.6, f"Classifying {len(keep)} lesion(s)")
@@ -239,7 +245,8 @@ class LiverLesionEngine:
         type_probs, evidence, liver_voxels = {}, {}, 0
         if sub is not None:
             liver_in = resample_separable(liver_fg, g2, sub, 1) > 0.5
-            lesion_in = resample_separable(lesion_fg, g2, sub, 1) > 0.5
+            lesion_cut = 0.5 if cfg.lesion_threshold is None else cfg.lesion_threshold
+            lesion_in = resample_separable(lesion_fg, g2, sub, 1) > lesion_cut
             grown = ndimage.grey_dilation(instances2, size=(3, 3, 3))
             grown = np.where(instances2 > 0, instances2, grown)
             inst_in = resample_separable(grown, g2, sub, 0, cval=0, dtype=np.uint16) * lesion_in
@@ -324,6 +331,15 @@ class LiverLesionEngine:
             mask2 = (resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0).astype(np.int32)
         probs2 = self._predict_slabs(self.stage2, x2, prior=prior2)
         return self._classify(x2, prior2, probs2, mask2, np.array([1]))[1]
+
+
+def fill_holes_per_slice(mask):
+    """The mask with every hole closed, in 3D and in each axial slice (a hole that opens at the organ's top
+    or bottom is not one in 3D, but is in the slices it crosses)."""
+    filled = ndimage.binary_fill_holes(mask)
+    for k in range(len(filled)):
+        filled[k] = ndimage.binary_fill_holes(filled[k])
+    return filled
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

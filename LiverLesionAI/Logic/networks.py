@@ -51,6 +51,13 @@ class CascadeConfig:
     # lesion candidate filter, tuned on validation phantoms when the model is built
     min_lesion_confidence: float = 0.0
     max_surface_fraction: float = 1.0
+    # a voxel is lesion when the summed lesion-type probability reaches this; None: the per-pixel argmax
+    # (models up to v5.1). Stage 2's lesion probability stays under 0.5 over much of a lesion (v5.1's argmax
+    # covers a median 21% of each validation lesion it touches), so build_model tunes it on validation.
+    lesion_threshold: float | None = None
+    # stage 1 sometimes leaves a dark lesion out of its liver; where that leaves a hole (in 3D or in an axial
+    # slice) it is filled, so stage 2 looks there (False: models up to v5.1)
+    fill_liver_holes: bool = False
     # what the lesion classifier sees per view: "descriptors" (intensity/shape descriptors, v5 on) or
     # "encoder" (pooled stage-2 encoder features, models up to v4); both add the pixel type probabilities
     classifier_features: str = "descriptors"
@@ -60,14 +67,20 @@ class CascadeConfig:
                 "stage1_spacing": list(self.stage1_spacing), "stage2_spacing": list(self.stage2_spacing),
                 "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch,
                 "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction,
+                "lesion_threshold": self.lesion_threshold, "fill_liver_holes": self.fill_liver_holes,
                 "classifier_features": self.classifier_features}
 
     @classmethod
     def from_dict(cls, d):
+        # keys added after a model was made are absent from its card: their defaults keep its behaviour
         return cls(UNetConfig.from_dict(d["stage1"]), UNetConfig.from_dict(d["stage2"]),
-                   tuple(d["stage1_spacing"]), tuple(d["stage2_spacing"]), tuple(d["hu_window"]),
-                   int(d["classifier_patch"]), float(d.get("min_lesion_confidence", 0.0)),
-                   float(d.get("max_surface_fraction", 1.0)), d.get("classifier_features", "encoder"))
+                   stage1_spacing=tuple(d["stage1_spacing"]), stage2_spacing=tuple(d["stage2_spacing"]),
+                   hu_window=tuple(d["hu_window"]), classifier_patch=int(d["classifier_patch"]),
+                   min_lesion_confidence=float(d.get("min_lesion_confidence", 0.0)),
+                   max_surface_fraction=float(d.get("max_surface_fraction", 1.0)),
+                   lesion_threshold=None if d.get("lesion_threshold") is None else float(d["lesion_threshold"]),
+                   fill_liver_holes=bool(d.get("fill_liver_holes", False)),
+                   classifier_features=d.get("classifier_features", "encoder"))
 
     def __post_init__(self):
         if self.classifier_features not in CLASSIFIER_FEATURES:

@@ -572,7 +572,8 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
         assemble_model(run_dir, staging / "untuned", {"version": version})
         # float32 throughout: the card's figures must not depend on the CPU's bfloat16 support
         tuning = tune_candidate_filter(staging / "untuned", validation_dir, device, threads, log, precision="fp32")
-        overrides = {k: tuning[k] for k in ("min_lesion_confidence", "max_surface_fraction")}
+        overrides = {k: tuning[k] for k in ("lesion_threshold", "fill_liver_holes", "min_lesion_confidence",
+                                            "max_surface_fraction")}
         assemble_model(run_dir, staging / "m", {"version": version}, overrides)
         metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging / "m", test_dir, device,
                                                                                threads, log, precision="fp32")),
@@ -639,12 +640,30 @@ def choose_candidate_filter(evidence, log=print):
             "validation_f1_unfiltered": f1(0.0, 1.0), "validation_f1": f1(*best), "candidates": int(len(is_tp))}
 
 
-def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print, precision="auto"):
-    """Choose the lesion candidate thresholds that maximise detection F1 on validation phantoms; the
-    model at ``model_dir`` must report every candidate (no filter)."""
+# lesion thresholds on the summed type probabilities that build_model tries, strictest first (None: the
+# per-pixel argmax of models up to v5.1), each without and with stage 1's liver holes filled
+LESION_THRESHOLDS = (None, 0.5, 0.4, 0.3, 0.2)
+FILL_LIVER_HOLES = (False, True)
+
+
+def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print, precision="auto",
+                          lesion_thresholds=LESION_THRESHOLDS, fill_liver_holes=FILL_LIVER_HOLES):
+    """The lesion rule (threshold, holes filled) and candidate filter that maximise detection F1 on validation
+    phantoms (ties: holes as stage 1 left them, then the stricter threshold); the model at ``model_dir`` must
+    report every candidate (no filter)."""
     from .datasets import find_cases
     from .engine import LiverLesionEngine
 
     engine = LiverLesionEngine(model_dir, device=device, threads=threads, precision=precision)
-    cases = ((case.case_id, case.load_image(), case.load_truth()) for case in find_cases(cases_dir))
-    return choose_candidate_filter(candidate_evidence(engine, cases), log)
+    best, f1_by_rule = None, {}
+    for fill in fill_liver_holes:
+        for threshold in lesion_thresholds:
+            engine.config.lesion_threshold, engine.config.fill_liver_holes = threshold, fill
+            rule = ("argmax" if threshold is None else str(threshold)) + (", holes filled" if fill else "")
+            log(f"[filter] lesion rule {rule}")
+            cases = ((case.case_id, case.load_image(), case.load_truth()) for case in find_cases(cases_dir))
+            tuning = choose_candidate_filter(candidate_evidence(engine, cases), log)
+            f1_by_rule[rule] = tuning["validation_f1"]
+            if best is None or round(tuning["validation_f1"], 4) > round(best["validation_f1"], 4):
+                best = {"lesion_threshold": threshold, "fill_liver_holes": fill, **tuning}
+    return {**best, "validation_f1_by_lesion_rule": f1_by_rule}

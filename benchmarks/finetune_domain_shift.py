@@ -45,13 +45,16 @@ def make_cases(folder: Path, seeds, domain, max_in_plane):
 
 
 def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
-    """Summary metrics of one model on one folder of cases (per-case results cached by weights checksum)."""
+    """Summary metrics of one model on one folder of cases (per-case results cached by weights checksum and
+    architecture: v5.1 and v5.2 share their weights, not their lesion rule)."""
     from liverlesionai.datasets import find_cases
     from liverlesionai.engine import LiverLesionEngine
     from liverlesionai.evaluation import aggregate, evaluate_case
     from liverlesionai.model_io import read_model_card
 
-    sha = read_model_card(model_dir)["weights_sha256"][:16]
+    card = read_model_card(model_dir)
+    sha = hashlib.sha256((card["weights_sha256"] + json.dumps(card["architecture"], sort_keys=True)).encode())
+    sha = sha.hexdigest()[:16]
     cache = cache / sha / cases_dir.name
     cache.mkdir(parents=True, exist_ok=True)
     engine, results = None, []

@@ -53,9 +53,9 @@ def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
     from liverlesionai.model_io import read_model_card
 
     card = read_model_card(model_dir)
-    sha = hashlib.sha256((card["weights_sha256"] + json.dumps(card["architecture"], sort_keys=True)).encode())
-    sha = sha.hexdigest()[:16]
-    cache = cache / sha / cases_dir.name
+    model_key = hashlib.sha256((card["weights_sha256"] + json.dumps(card["architecture"], sort_keys=True)).encode())
+    model_key = model_key.hexdigest()[:16]
+    cache = cache / model_key / cases_dir.name
     cache.mkdir(parents=True, exist_ok=True)
     engine, results = None, []
     for case in find_cases(cases_dir):
@@ -71,7 +71,7 @@ def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
         m["seconds"] = round(time.time() - t0, 1)
         path.write_text(json.dumps(m))
         results.append(m)
-        log(f"  {sha[:8]} {cases_dir.name}/{case.case_id}: lesion Dice {m['lesion_dice']:.3f} ({m['seconds']} s)")
+        log(f"  {model_key[:8]} {cases_dir.name}/{case.case_id}: lesion Dice {m['lesion_dice']:.3f} ({m['seconds']} s)")
     s = aggregate(results)
     return {"n_cases": s["n_cases"], "lesion_dice": s["global_lesion_dice"], "type_accuracy": s["type_accuracy"],
             "liver_dice": s["mean_liver_dice"], "detection_f1": s["detection"]["f1"],

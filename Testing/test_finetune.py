@@ -120,12 +120,17 @@ def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
     assert {"original_domain_lesion_dice", "original_domain_liver_dice"} <= set(val["new"])
     # so is the re-fitted classifier, on the same original-domain lesions as the parent
     guard = card["classifier_guard"]
-    assert guard["lesions"] == 6 and guard["kept"] in ("refit", "parent")
-    assert all(0 <= guard[k] <= 1 for k in ("parent_model", "refit_head", "parent_head"))
-    if guard["refit_head"] < guard["parent_model"] - 0.02:
-        assert guard["kept"] == "parent" or guard["parent_head"] < guard["refit_head"]
+    assert guard["lesions"] == 6 and guard["kept"] in ("refit", "blend", "parent")
+    assert set(guard["by_refit_weight"]) == {"1.0", "0.75", "0.5", "0.25", "0.0"}
+    assert all(0 <= a <= 1 for a in guard["by_refit_weight"].values())
+    assert guard["kept_head"] == guard["by_refit_weight"][str(guard["refit_weight"])]
+    if guard["kept_head"] < guard["parent_model"] - 0.02:  # no blend kept the original domain: the best one
+        assert guard["kept_head"] == max(guard["by_refit_weight"].values())
     assert val["parent"]["original_domain_classifier_accuracy"] == guard["parent_model"]
-    assert val["new"]["original_domain_classifier_accuracy"] == guard[guard["kept"] + "_head"]
+    assert val["new"]["original_domain_classifier_accuracy"] == guard["kept_head"]
+    # the selection compared every epoch with the parent under a filter re-tuned the same way
+    assert set(val["parent_with_retuned_filter"]) == set(val["parent"]) - {"original_domain_classifier_accuracy"}
+    assert all("candidate_filter" in h for h in card["finetune_history"])
     comparison = registry.compare(version)
     assert comparison.comparable and comparison.same_cases
     stages = {p.stage for p in seen}
@@ -267,15 +272,71 @@ def test_selection_never_prefers_an_epoch_that_forgot_the_original_domain():
     fewer_found = {**kept, "original_domain_detection_f1": 0.42}
     assert _selection_score(fewer_found, parent_f1) < _selection_score(parent_f1)
     assert _selection_score({**kept, "original_domain_detection_f1": 0.47}, parent_f1) == score(kept)
+    # a held-out gain below min_gain is noise: such an epoch does not beat the parent
+    barely = {**kept, "lesion_dice": 0.205}
+    assert _selection_score(barely, parent, 0.02, min_gain=0.01) < _selection_score(parent)
+    assert _selection_score(kept, parent, 0.02, min_gain=0.01) == score(kept) > _selection_score(parent)
 
 
-def test_classifier_guard_keeps_the_parent_head_when_the_refit_forgets():
+def test_classifier_guard_keeps_the_most_adapted_head_that_remembers():
     from liverlesionai.finetune import choose_head
 
-    assert choose_head(0.80, {"refit": 0.79, "parent": 0.80}, 0.02) == "refit"  # within 2 points
-    assert choose_head(0.80, {"refit": 0.70, "parent": 0.80}, 0.02) == "parent"
-    # stage 2 changed so that the parent head no longer fits its features: the better one is kept
-    assert choose_head(0.80, {"refit": 0.70, "parent": 0.50}, 0.02) == "refit"
+    by_weight = lambda *acc: dict(zip((1.0, 0.75, 0.5, 0.25, 0.0), acc))  # noqa: E731
+    assert choose_head(0.80, by_weight(0.79, 0.80, 0.80, 0.80, 0.80), 0.02) == 1.0  # within 2 points
+    assert choose_head(0.80, by_weight(0.70, 0.75, 0.79, 0.80, 0.80), 0.02) == 0.5  # part-way back
+    assert choose_head(0.80, by_weight(0.70, 0.70, 0.72, 0.75, 0.80), 0.02) == 0.0  # the parent's head
+    # stage 2 changed so that the parent head no longer fits its features: the most accurate one is kept
+    assert choose_head(0.80, by_weight(0.70, 0.72, 0.71, 0.60, 0.50), 0.02) == 0.75
+    assert choose_head(0.80, by_weight(0.70, 0.70, 0.60, 0.60, 0.50), 0.02) == 1.0  # ties: more adapted
+
+
+def test_blended_heads_lie_between_parent_and_refit():
+    from liverlesionai.finetune import blend_heads
+
+    cfg = CascadeConfig(UNetConfig(5, 2, TINY), UNetConfig(4, 5, TINY), classifier_patch=32)
+    torch.manual_seed(0)
+    parent, refit = LesionClassifierHead(cfg).eval(), LesionClassifierHead(cfg).eval()
+    with torch.no_grad():
+        parent.temperature.fill_(1.7)
+        refit.temperature.fill_(1.7)
+    features = torch.randn(5, 3 * LesionClassifierHead.view_size(cfg))
+    with torch.no_grad():
+        assert torch.allclose(blend_heads(parent, refit, 1.0).logits(features), refit.logits(features))
+        assert torch.allclose(blend_heads(parent, refit, 0.0).logits(features), parent.logits(features))
+        half = blend_heads(parent, refit, 0.5)
+        w = half.mlp[0].weight
+        assert torch.allclose(w, (parent.mlp[0].weight + refit.mlp[0].weight) / 2)
+        assert float(half.temperature) == pytest.approx(1.7)
+        assert not torch.allclose(half.logits(features), refit.logits(features))
+
+
+def test_stage2_blend_is_the_most_adapted_one_that_passes():
+    from liverlesionai.finetune import STAGE2_BLEND_WEIGHTS, blend_states, first_passing_blend
+
+    torch.manual_seed(0)
+    parent, top = UNet2p5D(UNetConfig(4, 5, TINY)).state_dict(), UNet2p5D(UNetConfig(4, 5, TINY)).state_dict()
+    half = blend_states(parent, top, 0.5)
+    name = next(k for k, v in top.items() if v.is_floating_point() and not torch.equal(v, parent[k]))
+    assert torch.allclose(half[name], (parent[name] + top[name]) / 2)
+    counter = next(k for k in top if k.endswith("num_batches_tracked"))
+    assert half[counter].dtype == top[counter].dtype
+    net = UNet2p5D(UNetConfig(4, 5, TINY))
+    net.load_state_dict(half)  # a blend is a loadable stage 2
+
+    tried = []
+
+    def score_of(passing_from):
+        def score(weight, state):
+            tried.append(weight)
+            return (1.0 if weight <= passing_from else -9.0), f"filter for {weight}"
+        return score
+
+    weight, state, score, extra = first_passing_blend(parent, top, score_of(0.5), best_score=0.5)
+    assert (weight, score, extra) == (0.5, 1.0, "filter for 0.5") and tried == [0.75, 0.5]  # stops at the first
+    assert torch.allclose(state[name], half[name])
+    tried.clear()
+    assert first_passing_blend(parent, top, score_of(0.0), best_score=0.5) is None  # none passes: parent kept
+    assert tried == list(STAGE2_BLEND_WEIGHTS)
 
 
 def test_guard_lesions_are_the_same_on_every_call():

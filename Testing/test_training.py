@@ -205,3 +205,32 @@ def test_tuning_chooses_the_lesion_rule_with_the_filter(tmp_path, shipped_model_
     alone = T.tune_candidate_filter(untuned, tmp_path / "val", device="cpu", log=logs.append, precision="fp32",
                                     lesion_thresholds=(0.2,), fill_liver_holes=(False,))
     assert alone["lesion_threshold"] == 0.2 and alone["validation_f1"] == by_rule["0.2"]
+
+
+def test_lesion_thresholds_sharing_one_network_pass_see_what_separate_runs_see(shipped_model_dir):
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0  # every candidate
+    shipped_threshold = engine.config.lesion_threshold
+    ct, truth = generate_phantom_ct(500_003, max_in_plane=160)
+    cases = [("phantom_500003", ct, {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
+                                     "lesion_types": truth.lesion_types})]
+    shared = T.candidate_evidence_by_threshold(engine, cases, (None, 0.2))
+    assert engine.config.lesion_threshold == shipped_threshold  # left as it was
+    for threshold in (None, 0.2):
+        engine.config.lesion_threshold = threshold
+        alone = T.candidate_evidence(engine, cases)
+        for shared_part, alone_part in zip(shared[threshold][:3], alone[:3]):
+            np.testing.assert_array_equal(shared_part, alone_part)
+        assert shared[threshold][3] == alone[3]
+    # the two rules do differ on this phantom, so sharing the pass could not hide a mix-up
+    assert len(shared[None][0]) != len(shared[0.2][0]) or shared[None][3] != shared[0.2][3]
+    # segment is exactly the network pass followed by the lesion rule
+    result = engine.segment(ct)
+    split = engine.lesions_from(engine.run_networks(ct))
+    assert np.array_equal(result.lesion_instances, split.lesion_instances)
+    assert np.array_equal(result.liver_mask, split.liver_mask)
+    assert [r.probabilities for r in result.lesions] == [r.probabilities for r in split.lesions]
+    untyped = engine.lesions_from(engine.run_networks(ct), classify=False)  # what the tuning sees
+    assert np.array_equal(result.lesion_instances, untyped.lesion_instances) and result.lesions
+    assert all(r.probabilities == pytest.approx(dict.fromkeys(("cyst", "hemangioma", "metastasis"), 1 / 3))
+               for r in untyped.lesions)

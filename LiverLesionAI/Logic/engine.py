@@ -10,7 +10,7 @@ temperature. Probabilities are kept only inside the liver box and at float16.
 from __future__ import annotations
 
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +60,18 @@ def native_bf16(device: torch.device) -> bool:
         return True
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+@dataclass
+class NetworkOutputs:
+    """What the networks made of one CT (``LiverLesionEngine.run_networks``), before any lesion rule."""
+    ct: CTVolume
+    canon: object  # the CT on its canonical grid (geometry.canonicalize)
+    grid2: object  # stage 2's fine grid around the liver
+    hu2: np.ndarray  # normalised CT on grid2
+    prior2: np.ndarray  # stage 1's liver probability on grid2
+    probs2: np.ndarray  # stage-2 class probabilities (classes, K, J, I) float16
+    messages: list
 
 
 class LiverLesionEngine:
@@ -160,7 +172,7 @@ class LiverLesionEngine:
                          f"instead of {first_batch}.")
         return out
 
-    def _empty_result(self, ct, message, started):
+    def _empty_result(self, ct, message):
         shape = ct.voxels.shape
         return SegmentationResult(np.zeros(shape, np.uint8), np.zeros(shape, np.uint16), [], ct.ijk_to_ras.copy(),
                                   0.0, [message], self.version)
@@ -171,7 +183,17 @@ class LiverLesionEngine:
         """Liver, lesions and their types. ``liver_prior``, a liver mask (lesions included) in the CT's voxel
         grid, replaces stage 1: stage 2 then looks for lesions in and around that liver."""
         progress = progress or _no_progress
-        started = time.perf_counter()
+        outputs = self.run_networks(ct, progress, force, liver_prior)
+        if isinstance(outputs, SegmentationResult):
+            return outputs
+        return self.lesions_from(outputs, progress)
+
+    def run_networks(self, ct: CTVolume, progress: Progress | None = None, force: bool = False,
+                     liver_prior: np.ndarray | None = None) -> NetworkOutputs | SegmentationResult:
+        """Stages 1 and 2 of ``segment`` (the part that depends on the networks and on ``fill_liver_holes``);
+        the "no liver" result where there is none. ``lesions_from`` turns the outputs into the result under
+        the current lesion rule and candidate filter, so several rules can share one network pass."""
+        progress = progress or _no_progress
         cfg = self.config
         progress(0.0, "Checking the CT")
         warnings = validate_ct(ct, force=force)
@@ -200,7 +222,7 @@ class LiverLesionEngine:
         if liver1_ml < MIN_LIVER_ML or liver1_ml > MAX_LIVER_ML:
             reason = ("is the upper abdomen in the field of view?" if liver1_ml < MIN_LIVER_ML else
                       f"the region found, {liver1_ml:.0f} mL, is not a plausible liver")
-            result = self._empty_result(ct, f"No liver found in this CT ({reason}).", started)
+            result = self._empty_result(ct, f"No liver found in this CT ({reason}).")
             result.messages.extend(warnings + notes)
             progress(1.0, "No liver found")
             return result
@@ -215,6 +237,17 @@ class LiverLesionEngine:
         prior2 = resample_separable(liver_prob1, g1, g2, 1, cval=0.0)
         active = np.nonzero(prior2.reshape(len(prior2), -1).max(1) > 0.05)[0]
         probs2 = self._predict_slabs(self.stage2, x2, prior=prior2, slices=active, notes=notes)
+        return NetworkOutputs(ct, canon, g2, x2, prior2, probs2, list(warnings) + notes)
+
+    def lesions_from(self, outputs: NetworkOutputs, progress: Progress | None = None,
+                     classify: bool = True) -> SegmentationResult:
+        """Liver mask, lesions and their types from the networks' outputs, under the current config.
+        ``classify=False`` skips the classifier head (every lesion gets equal type probabilities): for
+        detection-only uses such as tuning the candidate filter, where it would be most of the time."""
+        progress = progress or _no_progress
+        cfg = self.config
+        ct, canon, g2, x2, prior2, probs2 = (outputs.ct, outputs.canon, outputs.grid2, outputs.hu2, outputs.prior2,
+                                             outputs.probs2)
         labels2 = probs2.argmax(0)
         near_liver = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / cfg.stage2_spacing[0])))
         liver_region = largest_component((labels2 >= 1) & near_liver)
@@ -227,7 +260,10 @@ class LiverLesionEngine:
         keep, evidence2 = _lesion_candidates(instances2, n, lesion_prob2, liver_region, cfg)
 
         progress(0.6, f"Classifying {len(keep)} lesion(s)")
-        type_probs2 = self._classify(x2, prior2, probs2, instances2, keep)
+        if classify:
+            type_probs2 = self._classify(x2, prior2, probs2, instances2, keep)
+        else:
+            type_probs2 = {int(k): dict.fromkeys(LESION_TYPES, 1 / len(LESION_TYPES)) for k in keep}
 
         progress(0.8, "Mapping results to the CT's geometry")
         remap = np.zeros(n + 1, np.uint16)
@@ -262,7 +298,7 @@ class LiverLesionEngine:
         progress(0.9, "Measuring lesions")
         records = build_lesion_records(ct.voxels, instances, ct.ijk_to_ras, type_probs)
         liver_ml = liver_voxels * voxel_mm3 / 1000
-        messages = list(warnings) + notes
+        messages = list(outputs.messages)
         if not records:
             messages.append("No liver lesions found.")
         progress(1.0, f"Done: liver {liver_ml:.0f} mL, {len(records)} lesion(s)")

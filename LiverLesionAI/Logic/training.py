@@ -606,19 +606,37 @@ def candidate_evidence(engine, cases):
     """Every lesion candidate's (confidence, surface fraction, true positive?) on (case id, CTVolume,
     truth) triples, plus the count of missed reference lesions; ``engine`` must report every candidate
     (no filter)."""
-    from .evaluation import evaluate_case
+    threshold = engine.config.lesion_threshold
+    return candidate_evidence_by_threshold(engine, cases, [threshold])[threshold]
 
-    confidence, surface, is_tp, missed = [], [], [], 0
-    for case_id, ct, truth in cases:
-        result = engine.segment(ct)
-        metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id)
-        matched = {m["pred_id"] for m in metrics["matches"]}
-        missed += metrics["detection"]["fn"]
-        for lesion_id, evidence in result.lesion_evidence.items():
-            confidence.append(evidence["confidence"])
-            surface.append(evidence["surface_fraction"])
-            is_tp.append(lesion_id in matched)
-    return np.array(confidence), np.array(surface), np.array(is_tp, bool), missed
+
+def candidate_evidence_by_threshold(engine, cases, lesion_thresholds):
+    """``candidate_evidence`` under each lesion threshold ({threshold: evidence}); the thresholds share one
+    network pass per case, and lesions are not typed (detection does not need it). The engine's threshold
+    is left as it was."""
+    from .evaluation import evaluate_case
+    from .records import SegmentationResult
+
+    current = engine.config.lesion_threshold
+    found = {t: ([], [], [], [0]) for t in lesion_thresholds}  # confidence, surface, is_tp, [missed]
+    try:
+        for case_id, ct, truth in cases:
+            outputs = engine.run_networks(ct)
+            for threshold in lesion_thresholds:
+                engine.config.lesion_threshold = threshold
+                result = outputs if isinstance(outputs, SegmentationResult) else \
+                    engine.lesions_from(outputs, classify=False)
+                metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id)
+                matched = {m["pred_id"] for m in metrics["matches"]}
+                confidence, surface, is_tp, missed = found[threshold]
+                missed[0] += metrics["detection"]["fn"]
+                for lesion_id, evidence in result.lesion_evidence.items():
+                    confidence.append(evidence["confidence"])
+                    surface.append(evidence["surface_fraction"])
+                    is_tp.append(lesion_id in matched)
+    finally:
+        engine.config.lesion_threshold = current
+    return {t: (np.array(c), np.array(s), np.array(tp, bool), m[0]) for t, (c, s, tp, m) in found.items()}
 
 
 def choose_candidate_filter(evidence, log=print):
@@ -656,13 +674,14 @@ def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log
 
     engine = LiverLesionEngine(model_dir, device=device, threads=threads, precision=precision)
     best, f1_by_rule = None, {}
-    for fill in fill_liver_holes:
+    for fill in fill_liver_holes:  # hole filling changes stage 2's input: one network pass per setting
+        engine.config.fill_liver_holes = fill
+        cases = ((case.case_id, case.load_image(), case.load_truth()) for case in find_cases(cases_dir))
+        evidence = candidate_evidence_by_threshold(engine, cases, lesion_thresholds)
         for threshold in lesion_thresholds:
-            engine.config.lesion_threshold, engine.config.fill_liver_holes = threshold, fill
             rule = ("argmax" if threshold is None else str(threshold)) + (", holes filled" if fill else "")
             log(f"[filter] lesion rule {rule}")
-            cases = ((case.case_id, case.load_image(), case.load_truth()) for case in find_cases(cases_dir))
-            tuning = choose_candidate_filter(candidate_evidence(engine, cases), log)
+            tuning = choose_candidate_filter(evidence[threshold], log)
             f1_by_rule[rule] = tuning["validation_f1"]
             if best is None or round(tuning["validation_f1"], 4) > round(best["validation_f1"], 4):
                 best = {"lesion_threshold": threshold, "fill_liver_holes": fill, **tuning}

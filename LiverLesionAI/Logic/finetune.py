@@ -321,16 +321,12 @@ def retune_candidate_filter(engine, val_cases, guard, log=lambda m: None) -> dic
     held-out exported cases and the original-domain guard phantoms; set on the engine and returned.
     Without any candidate there is nothing to tune on: the thresholds stay and None is returned."""
     cases = [(c.case_id, c.load_image(), _truth_from_label(c.load_label())) for c in val_cases] + list(guard)
-    current = [getattr(engine.config, key) for key in FILTER_KEYS]
-    for key, unfiltered in zip(FILTER_KEYS, (0.0, 1.0)):
-        setattr(engine.config, key, unfiltered)
+    current = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+    _set_filter(engine, {"min_lesion_confidence": 0.0, "max_surface_fraction": 1.0})  # every candidate
     tuning = choose_candidate_filter(candidate_evidence(engine, cases), log)
     if tuning["candidates"] == 0:
-        tuning, chosen = None, current
-    else:
-        chosen = [tuning[key] for key in FILTER_KEYS]
-    for key, value in zip(FILTER_KEYS, chosen):
-        setattr(engine.config, key, value)
+        tuning = None
+    _set_filter(engine, tuning or current)
     return tuning
 
 

@@ -9,7 +9,8 @@ What is trained (stage 1, the coarse liver finder, is kept as in the parent):
   accuracy on 150 other original-domain phantom lesions stays within 2 points of the parent's
   (classifier guard), else the better of the parent's and the re-fitted head there is kept.
 Stage-2 batches mix exported cases (crops centred on lesions most of the time, random view, small
-shifts, intensity augmentation, no flips: orientation is canonical) with a share of original-domain
+shifts, intensity augmentation, no flips: orientation is canonical; a liver prior with stage 1's kinds of
+error, as in the parent's training) with a share of original-domain
 phantom batches ("replay"), for the same reason. The loss is training.dice_ce_loss with
 training.lesion_pixel_weights (inverse lesion size).
 
@@ -45,6 +46,7 @@ import torch
 from scipy import ndimage
 
 from . import export as export_mod
+from . import phantom as ph
 from .errors import InputError, LiverLesionAIError
 from .evaluation import aggregate, evaluate_case
 from .geometry import canonicalize, grid_bounds, resample_separable
@@ -212,6 +214,23 @@ def _crop(array, start, shape, cval):
     return out
 
 
+# HU of the soft tissue stage 1 can take for liver where it touches it (muscle, bowel wall, stomach,
+# spleen, kidney, heart, vessels with contrast); the exported label says only liver / lesion / other.
+LEAK_HU = (-30.0, 300.0)
+
+
+def exported_tissue(hu, label):
+    """Phantom-style tissue codes for an exported crop, as far as its label and HU tell them: what
+    training._liver_prior needs to give the prior stage 1's errors (leaks into touching soft tissue,
+    lesions left out). Without them the prior was near perfect, unlike in the parent's training and at
+    inference (mean guard lesion Dice over 4 epochs 0.416 without, 0.475 with; README, fine-tuning evidence)."""
+    tissue = np.full(label.shape, ph.AIR, np.uint8)
+    tissue[(label == 0) & (hu >= LEAK_HU[0]) & (hu <= LEAK_HU[1])] = ph.MUSCLE
+    tissue[label == STAGE2_LIVER] = ph.LIVER
+    tissue[label >= STAGE2_FIRST_LESION] = ph.LESION
+    return tissue
+
+
 def case_batch(cases, cfg: CascadeConfig, rng, settings: FinetuneSettings, per_block=2):
     """Stage-2 (x, target, weights) from exported cases, shaped exactly like training.stage2_batch."""
     half = (cfg.stage2.in_channels - 1) // 2
@@ -232,8 +251,8 @@ def case_batch(cases, cfg: CascadeConfig, rng, settings: FinetuneSettings, per_b
         hu = _crop(case.hu, start, shape, -1024.0)
         lab = _crop(case.label, start, shape, 0)
         inst = _crop(case.instances, start, shape, 0)
+        prior = _liver_prior(lab > 0, rng, spacing, exported_tissue(hu, lab))
         hu = _intensity_augment(hu, rng) + rng.normal(0, rng.uniform(0, 6), hu.shape).astype(np.float32)
-        prior = _liver_prior(lab > 0, rng, spacing)
         x = to_view(normalize_hu(hu, cfg.hu_window), view)
         prior, lab, inst = to_view(prior, view), to_view(lab, view), to_view(inst, view)
         for c in range(half, half + per_block):

@@ -68,10 +68,14 @@ def crash_point(step: str) -> None:
     if at and at in (step, "*"):
         marker = os.environ.get("LIVERLESIONAI_TEST_PAUSE_MARKER")
         if marker:
-            with open(marker, "a", encoding="utf-8") as f:
-                f.write(step + "\n")
+            # appended through a renamed copy: a test polling for the file never reads it empty
+            lines = Path(marker).read_text(encoding="utf-8") if os.path.exists(marker) else ""
+            tmp = f"{marker}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(lines + step + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            os.replace(tmp, marker)
         time.sleep(float(os.environ.get("LIVERLESIONAI_TEST_PAUSE_S", "60")))
 
 

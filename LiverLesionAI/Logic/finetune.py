@@ -156,7 +156,7 @@ class PreparedCase:
     hu: np.ndarray  # canonical stage-2 grid around the liver, HU float32
     label: np.ndarray  # same grid, uint8 stage-2 classes
     instances: np.ndarray  # lesion instances (uint16), for inverse-size weights
-    lesion_voxels: np.ndarray  # (n, 3) indices of lesion voxels
+    lesion_voxels: list  # per lesion, the (n, 3) indices of its voxels
     lesion_types: dict = field(default_factory=dict)  # instance id -> type
 
 
@@ -191,13 +191,14 @@ def prepare_case(case, cfg: CascadeConfig) -> PreparedCase:
     hu = resample_separable(canon.array, canon.grid, g2, 1, cval=-1024)
     lab = resample_separable(canon_label, canon.grid, g2, 0, cval=0, dtype=np.uint8)
     instances, _ = label_lesions(lab >= STAGE2_FIRST_LESION)
-    types = {}
+    types, voxels = {}, []
     for lesion_id, sl in enumerate(ndimage.find_objects(instances), start=1):
         if sl is None:
             continue
-        values = lab[sl][instances[sl] == lesion_id]
-        types[lesion_id] = LESION_TYPES[int(np.bincount(values).argmax()) - STAGE2_FIRST_LESION]
-    return PreparedCase(case.case_id, hu, lab, instances, np.argwhere(instances > 0), types)
+        inside = instances[sl] == lesion_id
+        types[lesion_id] = LESION_TYPES[int(np.bincount(lab[sl][inside]).argmax()) - STAGE2_FIRST_LESION]
+        voxels.append(np.argwhere(inside) + [s.start for s in sl])
+    return PreparedCase(case.case_id, hu, lab, instances, voxels, types)
 
 
 def _crop(array, start, shape, cval):
@@ -239,8 +240,11 @@ def case_batch(cases, cfg: CascadeConfig, rng, settings: FinetuneSettings, per_b
     xs, ys, ws = [], [], []
     while len(xs) < settings.batch:
         case = cases[rng.integers(len(cases))]
-        if len(case.lesion_voxels) and rng.random() < settings.lesion_crop_fraction:
-            center = case.lesion_voxels[rng.integers(len(case.lesion_voxels))] + rng.normal(0, 4, 3)
+        if case.lesion_voxels and rng.random() < settings.lesion_crop_fraction:
+            # a lesion first, then a voxel of it: every lesion is centred as often, as in the parent's
+            # training (a random lesion voxel almost always fell in the largest lesions)
+            lesion = case.lesion_voxels[rng.integers(len(case.lesion_voxels))]
+            center = lesion[rng.integers(len(lesion))] + rng.normal(0, 4, 3)
         else:
             organ_lo, organ_hi = np.zeros(3), np.array(case.label.shape) - 1
             center = rng.uniform(organ_lo, organ_hi)

@@ -414,28 +414,37 @@ def test_candidate_filter_choice_on_known_evidence():
     assert tuning["validation_f1_unfiltered"] == pytest.approx(2 * 3 / (2 * 3 + 3 + 1))
 
 
-def test_retune_candidate_filter_sets_the_engine_thresholds(shipped_model_dir):
+def test_retuned_validation_chooses_and_measures_on_one_network_pass(shipped_model_dir):
     from liverlesionai.engine import LiverLesionEngine
-    from liverlesionai.finetune import FILTER_KEYS, guard_phantoms, retune_candidate_filter
-    from liverlesionai.training import candidate_evidence
+    from liverlesionai.finetune import FILTER_KEYS, guard_phantoms, retuned_validation_metrics, validation_metrics
+    from liverlesionai.training import candidate_evidence, choose_candidate_filter
 
-    engine = LiverLesionEngine(shipped_model_dir, device="cpu", threads=1)
-    guard = guard_phantoms(2, 160)
-    tuning = retune_candidate_filter(engine, [], guard, log=lambda m: None)
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", threads=1, precision="fp32")
+    guard = guard_phantoms(3, 160)
+    shipped = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+    metrics, tuning = retuned_validation_metrics(engine, [], guard, log=lambda m: None)
     assert tuning["candidates"] > 0
     assert 0.0 <= tuning["validation_f1_unfiltered"] <= tuning["validation_f1"] <= 1.0
     assert all(getattr(engine.config, key) == tuning[key] for key in FILTER_KEYS)
-    # the thresholds are the engine's from now on: it reports only candidates that pass them
-    for key, unfiltered in zip(FILTER_KEYS, (0.0, 1.0)):
-        setattr(engine.config, key, unfiltered)
-    confidence, surface, _, _ = candidate_evidence(engine, guard)
-    engine.config.min_lesion_confidence = tuning["min_lesion_confidence"]
-    engine.config.max_surface_fraction = tuning["max_surface_fraction"]
-    kept = sum(len(engine.segment(ct).lesions) for _, ct, _ in guard)
-    passing = (confidence >= tuning["min_lesion_confidence"]) & (surface <= tuning["max_surface_fraction"])
-    assert kept == int(passing.sum())
+    assert metrics["original_domain_detection_f1"] == pytest.approx(tuning["validation_f1"])
 
-    # nothing to tune on (no case): the thresholds stay as they were
-    before = [getattr(engine.config, key) for key in FILTER_KEYS]
-    assert retune_candidate_filter(engine, [], [], log=lambda m: None) is None
-    assert [getattr(engine.config, key) for key in FILTER_KEYS] == before
+    # the same choice as tuning on a separate pass made without a filter
+    _set = lambda values: [setattr(engine.config, key, v) for key, v in zip(FILTER_KEYS, values)]
+    _set((0.0, 1.0))
+    separate = choose_candidate_filter(candidate_evidence(engine, guard), log=lambda m: None)
+    assert {key: separate[key] for key in FILTER_KEYS} == {key: tuning[key] for key in FILTER_KEYS}
+    # and what the engine reports under the chosen filter (up to voxels where a dropped candidate touched
+    # a kept one)
+    _set((tuning[key] for key in FILTER_KEYS))
+    engine_metrics = validation_metrics(engine, [], guard)
+    assert set(engine_metrics) == set(metrics)
+    for key in ("original_domain_detection_f1", "original_domain_type_accuracy"):
+        assert engine_metrics[key] == pytest.approx(metrics[key])
+    for key in ("original_domain_lesion_dice", "original_domain_liver_dice"):
+        assert engine_metrics[key] == pytest.approx(metrics[key], abs=0.002)
+    assert tuning["validation_f1"] > tuning["validation_f1_unfiltered"]  # candidates were dropped
+
+    # nothing to tune on (no candidate): the thresholds stay as they were
+    _set(shipped.values())
+    assert retuned_validation_metrics(engine, [], [], log=lambda m: None)[1] is None
+    assert {key: getattr(engine.config, key) for key in FILTER_KEYS} == shipped

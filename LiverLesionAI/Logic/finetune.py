@@ -56,9 +56,9 @@ from .networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionCl
 from .preprocessing import VIEWS, canonical_grid, normalize_hu, to_view
 from .records import LESION_TYPES
 from .training import (
-    TRAIN_SEED_BASE, PhantomSource, _intensity_augment, _liver_prior, candidate_evidence, choose_candidate_filter,
-    classifier_samples, lesion_pixel_weights, lesion_view_inputs, lesion_view_vectors, resolve_device, stage2_batch,
-    train_head, train_step,
+    TRAIN_SEED_BASE, PhantomSource, _intensity_augment, _liver_prior, choose_candidate_filter, classifier_samples,
+    evidence_of, filtered_prediction, lesion_pixel_weights, lesion_view_inputs, lesion_view_vectors, resolve_device,
+    stage2_batch, train_head, train_step,
 )
 
 # Exported label values are the stage-2 classes: 0 outside, 1 liver, 2.. lesion types in LESION_TYPES order.
@@ -281,24 +281,28 @@ def _truth_from_label(label):
 GUARD_PREFIX = "original_domain_"  # metric names of the original-domain guard in the model card
 
 
-def _metrics(engine, cases) -> dict:
-    """Engine output vs. truth for (case id, CTVolume, truth dict) triples: lesion Dice (pooled),
-    liver Dice, type accuracy, detection F1."""
-    results = []
-    for case_id, ct, truth in cases:
-        pred = engine.segment(ct)
-        results.append(evaluate_case(pred.as_prediction(), truth, ct.ijk_to_ras, case_id=case_id))
+def _summary(results) -> dict:
+    """Lesion Dice (pooled), liver Dice, type accuracy and detection F1 of ``evaluate_case`` results."""
     s = aggregate(results)
     out = {"lesion_dice": s["global_lesion_dice"], "liver_dice": s["mean_liver_dice"],
            "detection_f1": s["detection"]["f1"], "type_accuracy": s["type_accuracy"]}
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
+def _loaded(val_cases):
+    return [(c.case_id, c.load_image(), _truth_from_label(c.load_label())) for c in val_cases]
+
+
 def validation_metrics(engine, cases, guard=()) -> dict:
-    """Metrics on the held-out exported cases, plus ``original_domain_*`` metrics on the guard phantoms."""
-    metrics = _metrics(engine, ((c.case_id, c.load_image(), _truth_from_label(c.load_label())) for c in cases))
+    """Engine output vs. truth on the held-out exported cases, plus ``original_domain_*`` metrics on the
+    guard phantoms ((case id, CTVolume, truth) triples)."""
+    def measured(triples):
+        return _summary([evaluate_case(engine.segment(ct).as_prediction(), truth, ct.ijk_to_ras, case_id=case_id)
+                         for case_id, ct, truth in triples])
+
+    metrics = measured(_loaded(cases))
     if guard:
-        metrics.update({GUARD_PREFIX + k: v for k, v in _metrics(engine, guard).items()})
+        metrics.update({GUARD_PREFIX + k: v for k, v in measured(guard).items()})
     return metrics
 
 
@@ -337,18 +341,32 @@ def _selection_score(metrics, parent_metrics=None, max_guard_drop=0.02, min_gain
 FILTER_KEYS = ("min_lesion_confidence", "max_surface_fraction")
 
 
-def retune_candidate_filter(engine, val_cases, guard, log=lambda m: None) -> dict | None:
-    """Lesion candidate thresholds for the engine's current networks, chosen for detection F1 on the
-    held-out exported cases and the original-domain guard phantoms; set on the engine and returned.
-    Without any candidate there is nothing to tune on: the thresholds stay and None is returned."""
-    cases = [(c.case_id, c.load_image(), _truth_from_label(c.load_label())) for c in val_cases] + list(guard)
+def retuned_validation_metrics(engine, val_cases, guard, log=lambda m: None) -> tuple[dict, dict | None]:
+    """``validation_metrics`` under lesion candidate thresholds re-tuned for the engine's current networks:
+    chosen for detection F1 on the held-out exported cases and the guard phantoms together, set on the engine
+    and returned with the metrics. One network pass per case serves both the choice and the measurement.
+    Without any candidate there is nothing to tune on: the thresholds stay and the tuning is None."""
     current = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+    val = _loaded(val_cases)
     _set_filter(engine, {"min_lesion_confidence": 0.0, "max_surface_fraction": 1.0})  # every candidate
-    tuning = choose_candidate_filter(candidate_evidence(engine, cases), log)
+    try:
+        runs = [(case_id, ct.ijk_to_ras, truth, engine.segment(ct)) for case_id, ct, truth in val + list(guard)]
+    finally:
+        _set_filter(engine, current)
+    unfiltered = [evaluate_case(result.as_prediction(), truth, ras, case_id=case_id)
+                  for case_id, ras, truth, result in runs]
+    tuning = choose_candidate_filter(evidence_of([(run[3].lesion_evidence, metrics)
+                                                  for run, metrics in zip(runs, unfiltered)]), log)
     if tuning["candidates"] == 0:
         tuning = None
     _set_filter(engine, tuning or current)
-    return tuning
+    chosen = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+    results = [evaluate_case(filtered_prediction(result, **chosen), truth, ras, case_id=case_id)
+               for case_id, ras, truth, result in runs]
+    metrics = _summary(results[:len(val)])
+    if guard:
+        metrics.update({GUARD_PREFIX + k: v for k, v in _summary(results[len(val):]).items()})
+    return metrics, tuning
 
 
 def _set_filter(engine, values: dict):
@@ -564,8 +582,9 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         """Validation metrics with the candidate filter re-tuned for ``eng``'s networks (when enabled;
         the parent's filter stays where there is nothing to tune on)."""
         _set_filter(eng, parent_filter)
-        tuning = retune_candidate_filter(eng, val_cases, guard) if settings.retune_candidate_filter else None
-        return validation_metrics(eng, val_cases, guard), tuning
+        if settings.retune_candidate_filter:
+            return retuned_validation_metrics(eng, val_cases, guard)
+        return validation_metrics(eng, val_cases, guard), None
 
     if is_main:
         from .engine import LiverLesionEngine

@@ -618,7 +618,7 @@ def candidate_evidence_by_threshold(engine, cases, lesion_thresholds):
     from .records import SegmentationResult
 
     current = engine.config.lesion_threshold
-    found = {t: ([], [], [], [0]) for t in lesion_thresholds}  # confidence, surface, is_tp, [missed]
+    found = {t: [] for t in lesion_thresholds}  # (lesion evidence, evaluate_case metrics) per case
     try:
         for case_id, ct, truth in cases:
             outputs = engine.run_networks(ct)
@@ -627,16 +627,39 @@ def candidate_evidence_by_threshold(engine, cases, lesion_thresholds):
                 result = outputs if isinstance(outputs, SegmentationResult) else \
                     engine.lesions_from(outputs, classify=False)
                 metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id)
-                matched = {m["pred_id"] for m in metrics["matches"]}
-                confidence, surface, is_tp, missed = found[threshold]
-                missed[0] += metrics["detection"]["fn"]
-                for lesion_id, evidence in result.lesion_evidence.items():
-                    confidence.append(evidence["confidence"])
-                    surface.append(evidence["surface_fraction"])
-                    is_tp.append(lesion_id in matched)
+                found[threshold].append((result.lesion_evidence, metrics))
     finally:
         engine.config.lesion_threshold = current
-    return {t: (np.array(c), np.array(s), np.array(tp, bool), m[0]) for t, (c, s, tp, m) in found.items()}
+    return {t: evidence_of(runs) for t, runs in found.items()}
+
+
+def evidence_of(runs):
+    """``candidate_evidence`` from (lesion evidence of a result made without a candidate filter, its
+    ``evaluate_case`` metrics) pairs."""
+    confidence, surface, is_tp, missed = [], [], [], 0
+    for lesion_evidence, metrics in runs:
+        matched = {m["pred_id"] for m in metrics["matches"]}
+        missed += metrics["detection"]["fn"]
+        for lesion_id, evidence in lesion_evidence.items():
+            confidence.append(evidence["confidence"])
+            surface.append(evidence["surface_fraction"])
+            is_tp.append(lesion_id in matched)
+    return np.array(confidence), np.array(surface), np.array(is_tp, bool), missed
+
+
+def filtered_prediction(result, min_lesion_confidence, max_surface_fraction) -> dict:
+    """``result.as_prediction()`` keeping only the candidates that pass the filter; ``result`` was made
+    without one. Dropped candidates become liver, as in the engine, which differs from this at most where a
+    dropped candidate touched a kept one. One network pass thus serves both choosing a filter and measuring it."""
+    prediction = result.as_prediction()
+    dropped = [i for i, e in result.lesion_evidence.items()
+               if not (e["confidence"] >= min_lesion_confidence and e["surface_fraction"] <= max_surface_fraction)]
+    if not dropped:
+        return prediction
+    gone = np.isin(prediction["lesion_instances"], dropped)
+    return {"liver_mask": np.where(gone, 1, prediction["liver_mask"]).astype(np.uint8),
+            "lesion_instances": np.where(gone, 0, prediction["lesion_instances"]).astype(np.uint16),
+            "lesion_types": {i: t for i, t in prediction["lesion_types"].items() if i not in dropped}}
 
 
 def choose_candidate_filter(evidence, log=print):

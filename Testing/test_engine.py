@@ -211,3 +211,55 @@ def test_a_given_liver_replaces_stage_1(all_lesion_model_dir, phantom_ct):
     assert np.array_equal(back(result2.lesion_instances) > 0, result.lesion_instances > 0)
     with pytest.raises(InputError, match="liver prior"):
         engine.segment(ct, liver_prior=liver[1:])
+
+
+def test_from_view_inverts_to_view_with_leading_axes():
+    from liverlesionai.preprocessing import VIEWS, from_view, to_view
+
+    volume = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)  # (classes, k, j, i)
+    for view in VIEWS:
+        per_class = np.stack([to_view(c, view) for c in volume])
+        assert np.array_equal(from_view(per_class, view), volume), view
+    with pytest.raises(ValueError, match="oblique"):
+        from_view(volume, "oblique")
+
+
+def test_stage2_views_are_averaged_in_the_input_orientation(shipped_model_dir, phantom_ct):
+    """Stage 2 run in coronal or sagittal slabs and mapped back agrees with the axial run voxel by voxel
+    (a wrong axis order would scramble it); several views give the mean of the single-view runs."""
+    ct, truth = phantom_ct
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    assert engine.config.stage2_views == ("axial",)
+    outputs = engine.run_networks(ct)
+    x2, prior2 = outputs.hu2, outputs.prior2
+    single = {view: engine._predict_views(engine.stage2, x2, prior2, (view,)) for view in
+              ("axial", "coronal", "sagittal")}
+    assert np.array_equal(single["axial"], outputs.probs2)
+    near_liver = prior2 > 0.5
+    labels = {view: p.argmax(0) for view, p in single.items()}
+    for view in ("coronal", "sagittal"):
+        assert single[view].shape == outputs.probs2.shape
+        assert (labels[view][near_liver] == labels["axial"][near_liver]).mean() > 0.9, view
+    fused = engine._predict_views(engine.stage2, x2, prior2, ("axial", "coronal", "sagittal"))
+    mean = np.mean([p.astype(np.float32) for p in single.values()], axis=0)
+    assert np.abs(fused.astype(np.float32) - mean).max() < 2e-3
+    engine.config.stage2_views = ("axial", "coronal", "sagittal")
+    result = engine.segment(ct)
+    assert result.liver_mask.shape == ct.voxels.shape and result.liver_mask.any()
+
+
+def test_cards_without_stage2_views_run_axial_and_unknown_views_are_refused(tmp_path, tiny_model_dir):
+    from liverlesionai.errors import ModelFileError
+    from liverlesionai.model_io import load_model, save_model
+    from liverlesionai.networks import CascadeConfig
+
+    state, card = load_model(tiny_model_dir)
+    old = {k: v for k, v in card["architecture"].items() if k != "stage2_views"}
+    assert CascadeConfig.from_dict(old).stage2_views == ("axial",)
+    both = CascadeConfig.from_dict({**old, "stage2_views": ["axial", "sagittal"]})
+    assert CascadeConfig.from_dict(both.to_dict()).stage2_views == ("axial", "sagittal")
+    card["architecture"]["stage2_views"] = ["axial", "oblique"]
+    card = {k: v for k, v in card.items() if k not in ("weights_sha256", "format_version", "created")}
+    save_model(tmp_path / "m", state, card)
+    with pytest.raises(ModelFileError, match="oblique"):
+        LiverLesionEngine(tmp_path / "m", device="cpu")

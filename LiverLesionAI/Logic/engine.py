@@ -23,7 +23,7 @@ from .geometry import canonicalize, grid_bounds, resample_separable, sub_grid
 from .lesions import build_lesion_records
 from .model_io import load_model
 from .networks import STAGE2_FIRST_LESION, CascadeConfig, LesionClassifierHead, UNet2p5D
-from .preprocessing import canonical_grid, normalize_hu
+from .preprocessing import canonical_grid, from_view, normalize_hu, pad_to_multiple, to_view
 from .records import LESION_TYPES, CTVolume, SegmentationResult
 from .training import lesion_view_inputs, lesion_view_vectors, resolve_device
 from .validation import validate_ct
@@ -172,6 +172,25 @@ class LiverLesionEngine:
                          f"instead of {first_batch}.")
         return out
 
+    def _predict_views(self, net, volume, prior, views, notes=None):
+        """``_predict_slabs`` of stage 2 over the slices near the liver prior, averaged over slab ``views``."""
+        fused = None
+        for view in views:
+            x, p = to_view(volume, view), to_view(prior, view)
+            active = np.nonzero(p.reshape(len(p), -1).max(1) > 0.05)[0]
+            # in-plane sizes of the canonical grid are multiples of the divisor; k (a row axis in the other views)
+            # is not: pad with air (-1 after normalisation) and no liver, then crop
+            x, (h, w) = pad_to_multiple(x, net.divisor, -1.0)
+            p, _ = pad_to_multiple(p, net.divisor, 0.0)
+            probs = from_view(self._predict_slabs(net, x, prior=p, slices=active, notes=notes)[..., :h, :w], view)
+            if fused is None:
+                fused = np.ascontiguousarray(probs)
+            else:
+                fused += probs
+        if len(views) > 1:
+            fused /= np.float16(len(views))
+        return fused
+
     def _empty_result(self, ct, message):
         shape = ct.voxels.shape
         return SegmentationResult(np.zeros(shape, np.uint8), np.zeros(shape, np.uint16), [], ct.ijk_to_ras.copy(),
@@ -235,8 +254,7 @@ class LiverLesionEngine:
         g2 = canonical_grid(roi_lo, roi_hi, cfg.stage2_spacing, multiple=self.stage2.divisor)
         x2 = normalize_hu(resample_separable(canon.array, canon.grid, g2, 1, cval=-1024), cfg.hu_window)
         prior2 = resample_separable(liver_prob1, g1, g2, 1, cval=0.0)
-        active = np.nonzero(prior2.reshape(len(prior2), -1).max(1) > 0.05)[0]
-        probs2 = self._predict_slabs(self.stage2, x2, prior=prior2, slices=active, notes=notes)
+        probs2 = self._predict_views(self.stage2, x2, prior2, cfg.stage2_views, notes)
         return NetworkOutputs(ct, canon, g2, x2, prior2, probs2, list(warnings) + notes)
 
     def lesions_from(self, outputs: NetworkOutputs, progress: Progress | None = None,

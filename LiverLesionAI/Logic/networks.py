@@ -15,6 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .descriptors import DESCRIPTOR_NAMES
+from .preprocessing import VIEWS as SLAB_VIEWS
 
 CLASSIFIER_FEATURES = ("descriptors", "encoder")
 
@@ -61,6 +62,10 @@ class CascadeConfig:
     # what the lesion classifier sees per view: "descriptors" (intensity/shape descriptors, v5 on) or
     # "encoder" (pooled stage-2 encoder features, models up to v4); both add the pixel type probabilities
     classifier_features: str = "descriptors"
+    # slab orientations stage 2 is run in, their probabilities averaged: it was trained on axial, coronal
+    # and sagittal slabs alike, and one orientation alone sees a lesion's extent along its slab axis
+    # through 3 slices only ("axial" only: models up to v5.2)
+    stage2_views: tuple = ("axial",)
 
     def to_dict(self):
         return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
@@ -68,7 +73,7 @@ class CascadeConfig:
                 "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch,
                 "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction,
                 "lesion_threshold": self.lesion_threshold, "fill_liver_holes": self.fill_liver_holes,
-                "classifier_features": self.classifier_features}
+                "classifier_features": self.classifier_features, "stage2_views": list(self.stage2_views)}
 
     @classmethod
     def from_dict(cls, d):
@@ -80,12 +85,17 @@ class CascadeConfig:
                    max_surface_fraction=float(d.get("max_surface_fraction", 1.0)),
                    lesion_threshold=None if d.get("lesion_threshold") is None else float(d["lesion_threshold"]),
                    fill_liver_holes=bool(d.get("fill_liver_holes", False)),
-                   classifier_features=d.get("classifier_features", "encoder"))
+                   classifier_features=d.get("classifier_features", "encoder"),
+                   stage2_views=tuple(d.get("stage2_views", ("axial",))))
 
     def __post_init__(self):
         if self.classifier_features not in CLASSIFIER_FEATURES:
             raise ValueError(f"unknown classifier_features {self.classifier_features!r}; "
                              f"expected one of {CLASSIFIER_FEATURES}")
+        self.stage2_views = tuple(self.stage2_views)
+        if not self.stage2_views or len(set(self.stage2_views)) != len(self.stage2_views) or \
+                not set(self.stage2_views) <= set(SLAB_VIEWS):
+            raise ValueError(f"stage2_views {self.stage2_views!r}: expected distinct views of {SLAB_VIEWS}")
 
 
 # stage-2 classes (per pixel): 0 outside the liver, 1 liver parenchyma, 2.. lesion types

@@ -78,6 +78,17 @@ def to_view(volume, view):
     raise ValueError(f"unknown view {view!r}")
 
 
+def from_view(volume, view):
+    """``to_view``'s inverse on the last three axes (leading axes, e.g. classes, are kept)."""
+    if view == "axial":
+        return volume
+    if view == "coronal":
+        return np.swapaxes(volume, -3, -2)
+    if view == "sagittal":
+        return np.moveaxis(volume, -3, -1)
+    raise ValueError(f"unknown view {view!r}")
+
+
 def slab_stack(volume, centers, half):
     """(len(centers), 2*half+1, H, W) slabs from a [slab_axis, H, W] array, edge-padded."""
     padded = np.pad(volume, ((half, half), (0, 0), (0, 0)), mode="edge")

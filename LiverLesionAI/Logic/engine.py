@@ -279,7 +279,7 @@ class LiverLesionEngine:
 
         progress(0.6, f"Classifying {len(keep)} lesion(s)")
         if classify:
-            type_probs2 = self._classify(x2, prior2, probs2, instances2, keep)
+            type_probs2 = self._classify(x2, prior2, instances2, keep)
         else:
             type_probs2 = {int(k): dict.fromkeys(LESION_TYPES, 1 / len(LESION_TYPES)) for k in keep}
 
@@ -324,7 +324,7 @@ class LiverLesionEngine:
                                   self.version, lesion_evidence=evidence)
 
     # ------------------------------------------------------------------------------------------
-    def _classify(self, x2, prior2, probs2, instances2, lesion_ids):
+    def _classify(self, x2, prior2, instances2, lesion_ids):
         """Type probabilities per lesion id from the classifier head (three orthogonal patches)."""
         if len(lesion_ids) == 0:
             return {}
@@ -383,8 +383,7 @@ class LiverLesionEngine:
         mask2 = (resample_separable(mask_c, canon.grid, g2, 1) > 0.5).astype(np.int32)
         if not mask2.any():
             mask2 = (resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0).astype(np.int32)
-        probs2 = self._predict_slabs(self.stage2, x2, prior=prior2)
-        return self._classify(x2, prior2, probs2, mask2, np.array([1]))[1]
+        return self._classify(x2, prior2, mask2, np.array([1]))[1]
 
 
 def fill_holes_per_slice(mask):

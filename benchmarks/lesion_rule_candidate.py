@@ -41,7 +41,12 @@ filter applied as fine-tuning validation does: training.filtered_prediction). Ad
  (b) global lesion Dice >= v5.2's - 0.01
  (c) mean liver Dice >= v5.2's - 0.002
  (d) type accuracy on the matched lesions >= v5.2's - 0.03
-Test set (seeds 0-19) and the real case: reported only, from `liverlesionai evaluate` on the built model."""},
+Test set (seeds 0-19) and the real case: reported only, from `liverlesionai evaluate` on the built model.
+
+Addendum 2026-12-05 15:27 UTC: the first run was void (results/candidate_v5.3_void_prefiltered.json): the pool
+pass kept v5.2's filter on, so the filter was chosen on pre-filtered candidates. Rerun with that fixed, same
+procedure and sets. Seen from the void run: v5.2 on the judge set (liver 0.936, lesion Dice 0.358, F1 0.373 with
+25 TP / 7 FP of 102 lesions, type 0.72) and unfiltered candidate counts; no figure of a correctly chosen rule."""},
     "v5.4": {"thresholds": (0.5, 0.4, 0.3, 0.2, 0.15, 0.1), "stage2_views": VIEWS, "declaration": """Declared 2026-12-05 15:08 UTC, before any pool or judge figure of it; one judge phantom was seen
 while testing the code (phantom_500100, under the parent's axial-tuned filter, not the candidate's: 4 of 14
 lesions found with the axial slabs, 3 with three views).
@@ -101,6 +106,8 @@ def choose_rule(engine, pool_dir: Path, thresholds, log) -> tuple[dict, dict]:
     the engine's stage-2 views."""
     from liverlesionai.training import candidate_evidence_by_threshold, choose_candidate_filter
 
+    # the filter is chosen on every candidate: the parent's own filter must not thin them out first
+    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0
     evidence = candidate_evidence_by_threshold(engine, triples(pool_dir), thresholds)
     by_threshold = {t: choose_candidate_filter(evidence[t], log) for t in thresholds}
     best = max(thresholds, key=lambda t: (round(by_threshold[t]["validation_f1"], 4), t))

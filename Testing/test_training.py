@@ -209,13 +209,14 @@ def test_tuning_chooses_the_lesion_rule_with_the_filter(tmp_path, shipped_model_
 
 def test_lesion_thresholds_sharing_one_network_pass_see_what_separate_runs_see(shipped_model_dir):
     engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
-    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0  # every candidate
-    shipped_threshold = engine.config.lesion_threshold
+    shipped = (engine.config.lesion_threshold, engine.config.min_lesion_confidence, engine.config.max_surface_fraction)
+    assert shipped[1:] != (0.0, 1.0)  # the shipped filter is on: the evidence must still hold every candidate
     ct, truth = generate_phantom_ct(500_003, max_in_plane=160)
     cases = [("phantom_500003", ct, {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
                                      "lesion_types": truth.lesion_types})]
     shared = T.candidate_evidence_by_threshold(engine, cases, (None, 0.2))
-    assert engine.config.lesion_threshold == shipped_threshold  # left as it was
+    assert (engine.config.lesion_threshold, engine.config.min_lesion_confidence,
+            engine.config.max_surface_fraction) == shipped  # left as they were
     for threshold in (None, 0.2):
         engine.config.lesion_threshold = threshold
         alone = T.candidate_evidence(engine, cases)
@@ -224,6 +225,12 @@ def test_lesion_thresholds_sharing_one_network_pass_see_what_separate_runs_see(s
         assert shared[threshold][3] == alone[3]
     # the two rules do differ on this phantom, so sharing the pass could not hide a mix-up
     assert len(shared[None][0]) != len(shared[0.2][0]) or shared[None][3] != shared[0.2][3]
+    # every candidate: as many as an engine without a filter reports, more than the shipped filter keeps
+    engine.config.lesion_threshold, engine.config.min_lesion_confidence, engine.config.max_surface_fraction = \
+        0.2, 0.0, 1.0
+    assert len(shared[0.2][0]) == len(engine.segment(ct).lesions)
+    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = shipped[1:]
+    assert len(shared[0.2][0]) > len(engine.segment(ct).lesions)
     # segment is exactly the network pass followed by the lesion rule
     result = engine.segment(ct)
     split = engine.lesions_from(engine.run_networks(ct))

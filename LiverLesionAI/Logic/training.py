@@ -604,8 +604,8 @@ def _card_metrics(summary):
 
 def candidate_evidence(engine, cases):
     """Every lesion candidate's (confidence, surface fraction, true positive?) on (case id, CTVolume,
-    truth) triples, plus the count of missed reference lesions; ``engine`` must report every candidate
-    (no filter)."""
+    truth) triples, plus the count of missed reference lesions. The engine's candidate filter is off meanwhile
+    (a filter is chosen on every candidate) and left as it was."""
     threshold = engine.config.lesion_threshold
     return candidate_evidence_by_threshold(engine, cases, [threshold])[threshold]
 
@@ -613,11 +613,13 @@ def candidate_evidence(engine, cases):
 def candidate_evidence_by_threshold(engine, cases, lesion_thresholds):
     """``candidate_evidence`` under each lesion threshold ({threshold: evidence}); the thresholds share one
     network pass per case, and lesions are not typed (detection does not need it). The engine's threshold
-    is left as it was."""
+    and filter are left as they were."""
     from .evaluation import evaluate_case
     from .records import SegmentationResult
 
-    current = engine.config.lesion_threshold
+    cfg = engine.config
+    current = (cfg.lesion_threshold, cfg.min_lesion_confidence, cfg.max_surface_fraction)
+    cfg.min_lesion_confidence, cfg.max_surface_fraction = 0.0, 1.0  # every candidate
     found = {t: [] for t in lesion_thresholds}  # (lesion evidence, evaluate_case metrics) per case
     try:
         for case_id, ct, truth in cases:
@@ -629,7 +631,7 @@ def candidate_evidence_by_threshold(engine, cases, lesion_thresholds):
                 metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id)
                 found[threshold].append((result.lesion_evidence, metrics))
     finally:
-        engine.config.lesion_threshold = current
+        cfg.lesion_threshold, cfg.min_lesion_confidence, cfg.max_surface_fraction = current
     return {t: evidence_of(runs) for t, runs in found.items()}
 
 
@@ -690,8 +692,8 @@ FILL_LIVER_HOLES = (False, True)
 def tune_candidate_filter(model_dir, cases_dir, device="auto", threads=None, log=print, precision="auto",
                           lesion_thresholds=LESION_THRESHOLDS, fill_liver_holes=FILL_LIVER_HOLES):
     """The lesion rule (threshold, holes filled) and candidate filter that maximise detection F1 on validation
-    phantoms (ties: holes as stage 1 left them, then the stricter threshold); the model at ``model_dir`` must
-    report every candidate (no filter)."""
+    phantoms (ties: holes as stage 1 left them, then the stricter threshold), whatever filter the model at
+    ``model_dir`` has."""
     from .datasets import find_cases
     from .engine import LiverLesionEngine
 

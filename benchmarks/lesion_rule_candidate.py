@@ -12,6 +12,10 @@ views change. Each candidate is judged against the parent model given (the shipp
 
     python benchmarks/lesion_rule_candidate.py v5.3 --model LiverLesionAI/Resources/Models/liverlesionai-v5.2 \\
         --cases /tmp/v53 --out benchmarks/results/candidate_v5.3.json
+    # if adopted: the model folder, its card's figures from `evaluate` on the test phantoms and the real case
+    python benchmarks/lesion_rule_candidate.py build benchmarks/results/candidate_v5.3.json \\
+        --model LiverLesionAI/Resources/Models/liverlesionai-v5.2 --out LiverLesionAI/Resources/Models/liverlesionai-v5.3 \\
+        --cases /tmp/v53 --real-case ../shared/data/ircadb-01/case_01
 """
 
 from __future__ import annotations
@@ -70,7 +74,12 @@ Test set (seeds 0-19) and the real case: reported only.
 Addendum 2026-12-05 15:10 UTC, before any v5.4 figure: three stage-2 passes instead of one cost time, and the
 engine's CPU target is 10 s on the real CT. So also (e): the in-process engine on the real CT (512x512x129,
 benchmarks/benchmark.py --only ours_engine, 2 threads, median of 3, the default precision "auto") at
-most 10 s. Measured only if (a)-(d) pass."""},
+most 10 s. Measured only if (a)-(d) pass.
+
+Addendum 2026-12-05 15:37 UTC, before any v5.4 figure: on the judge set each rule's lesions are the engine's
+with that rule's filter set (only kept candidates are classified), not all candidates classified and then
+filtered as in v5.3's run: the same lesions and types (classification is per lesion; masks differ at most where
+a dropped candidate touched a kept one), at a third of the time."""},
 }
 POOL_SEEDS = range(500_000, 500_048)
 JUDGE_SEEDS = range(500_100, 500_124)
@@ -106,8 +115,6 @@ def choose_rule(engine, pool_dir: Path, thresholds, log) -> tuple[dict, dict]:
     the engine's stage-2 views."""
     from liverlesionai.training import candidate_evidence_by_threshold, choose_candidate_filter
 
-    # the filter is chosen on every candidate: the parent's own filter must not thin them out first
-    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0
     evidence = candidate_evidence_by_threshold(engine, triples(pool_dir), thresholds)
     by_threshold = {t: choose_candidate_filter(evidence[t], log) for t in thresholds}
     best = max(thresholds, key=lambda t: (round(by_threshold[t]["validation_f1"], 4), t))
@@ -116,14 +123,14 @@ def choose_rule(engine, pool_dir: Path, thresholds, log) -> tuple[dict, dict]:
         {str(t): tuning for t, tuning in by_threshold.items()}
 
 
-def judge(engine, judge_dir: Path, rules: dict) -> dict:
-    """{name: aggregate} of each rule on the judge phantoms: one network pass per case and stage-2 views, each
-    rule's lesions classified without a filter, then its filter applied (``training.filtered_prediction``)."""
+def judge(engine, judge_dir: Path, rules: dict, classify_all: bool = False) -> dict:
+    """{name: aggregate} of each rule on the judge phantoms, one network pass per case and stage-2 views; each
+    rule's lesions are the engine's under that rule (``classify_all``, v5.3's run: every candidate classified,
+    then the filter applied with ``training.filtered_prediction``; same types, 2-3x slower)."""
     from liverlesionai.evaluation import aggregate, evaluate_case
     from liverlesionai.records import SegmentationResult
     from liverlesionai.training import filtered_prediction
 
-    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0  # every candidate
     results = {name: [] for name in rules}
     for case_id, ct, truth in triples(judge_dir):
         outputs = {}
@@ -132,9 +139,12 @@ def judge(engine, judge_dir: Path, rules: dict) -> dict:
             if rule["stage2_views"] not in outputs:
                 outputs[rule["stage2_views"]] = engine.run_networks(ct)
             engine.config.lesion_threshold = rule["lesion_threshold"]
+            engine.config.min_lesion_confidence, engine.config.max_surface_fraction = (
+                (0.0, 1.0) if classify_all else (rule["min_lesion_confidence"], rule["max_surface_fraction"]))
             found = outputs[rule["stage2_views"]]
             result = found if isinstance(found, SegmentationResult) else engine.lesions_from(found)
-            prediction = filtered_prediction(result, rule["min_lesion_confidence"], rule["max_surface_fraction"])
+            prediction = (filtered_prediction(result, rule["min_lesion_confidence"], rule["max_surface_fraction"])
+                          if classify_all else result.as_prediction())
             results[name].append(evaluate_case(prediction, truth, ct.ijk_to_ras, case_id))
         print(case_id, {n: r[-1]["detection"] for n, r in results.items()}, flush=True)
     summaries = {}
@@ -155,7 +165,70 @@ def verdict(candidate: dict, parent: dict) -> dict:
     return {**checks, "adopted": all(checks.values())}
 
 
+def build(result_file: Path, parent_dir: Path, model_out: Path, cases: Path, real_case: Path, threads: int):
+    """The adopted candidate as a model folder: the parent's weights, the chosen rule in the card, and the card's
+    figures from ``evaluate`` (float32) on the test phantoms (seeds 0-19, 384 matrix) and the real case."""
+    from liverlesionai.cli import evaluate_model_or_predictions
+    from liverlesionai.model_io import load_model, save_model
+    from liverlesionai.training import TEST_SEED_BASE, _card_metrics
+
+    report = json.loads(result_file.read_text())
+    if not report.get("verdict", {}).get("adopted"):
+        raise SystemExit(f"{result_file}: the candidate was not adopted")
+    if model_out.exists():
+        raise SystemExit(f"{model_out} exists: not overwriting a model")
+    name, chosen = report["candidate"], report["chosen"]
+    state, card = load_model(parent_dir)
+    test_seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + 20)
+    test_dir = cases / "test"
+    test_dir.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(threads) as pool:
+        list(pool.map(_write, [(test_dir / f"phantom_{seed:05d}", seed) for seed in test_seeds]))
+    rule = ", ".join(f"{k} {v}" for k, v in chosen.items())
+    new_card = {k: card[k] for k in ("name", "generator_version", "seeds", "training_steps", "hyperparameters",
+                                     "classifier") if k in card}
+    new_card.update({
+        "version": name.lstrip("v") + ".0",
+        "architecture": {**card["architecture"], **{k: (list(v) if isinstance(v, (list, tuple)) else v)
+                                                     for k, v in chosen.items()}},
+        "training_history": f"{Path(parent_dir).name} ({card['version']}, same weights, SHA-256 "
+                            f"{card['weights_sha256'][:16]}...) with a new lesion rule and no training: {rule}; "
+                            f"chosen on 48 pool phantoms, judged on 24 others (benchmarks/lesion_rule_candidate.py, "
+                            f"results/candidate_{name}.json). {Path(parent_dir).name}'s history: "
+                            + card.get("training_history", ""),
+        "adoption": {"rule": report["declaration"], "result": report["verdict"], "previous": card.get("adoption")},
+    })
+    staging = model_out.with_name("." + model_out.name + ".staging")
+    save_model(staging, state, {**new_card, "metrics": {}})  # evaluate reads a model folder
+    try:
+        metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging, test_dir, "cpu", threads,
+                                                                               precision="fp32")),
+                   "real_case": _card_metrics(evaluate_model_or_predictions(staging, real_case, "cpu", threads,
+                                                                            precision="fp32")),
+                   "pool_tuning_by_threshold": report["pool_tuning_by_threshold"],
+                   "judge_validation_24": report["judge"]}
+        metrics["phantom_test"]["seeds"] = list(test_seeds)
+        save_model(model_out, state, {**new_card, "metrics": metrics})
+    finally:
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+    print(json.dumps({k: metrics[k] for k in ("phantom_test", "real_case")}, indent=1))
+
+
 def main(argv=None):
+    if argv is None:
+        import sys
+        argv = sys.argv[1:]
+    if argv[:1] == ["build"]:
+        parser = argparse.ArgumentParser(description=build.__doc__.split(".")[0])
+        parser.add_argument("result", type=Path, help="the candidate's results JSON")
+        parser.add_argument("--model", type=Path, required=True, help="the parent model")
+        parser.add_argument("--out", type=Path, required=True, help="the new model folder")
+        parser.add_argument("--cases", type=Path, required=True, help="folder for the test phantoms")
+        parser.add_argument("--real-case", type=Path, required=True)
+        parser.add_argument("--threads", type=int, default=2)
+        a = parser.parse_args(argv[1:])
+        return build(a.result, a.model, a.out, a.cases, a.real_case, a.threads)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("candidate", choices=sorted(CANDIDATES))
     parser.add_argument("--model", required=True, help="the parent model (its networks are the candidate's)")
@@ -191,7 +264,8 @@ def main(argv=None):
     if chosen == parent:
         report["result"] = "the pool chose the parent's own rule and filter: no candidate"
     else:
-        judged = judge(engine, judge_dir, {"parent": parent, args.candidate: chosen})
+        judged = judge(engine, judge_dir, {"parent": parent, args.candidate: chosen},
+                       classify_all=args.candidate == "v5.3")
         report.update({"judge_seeds": [JUDGE_SEEDS.start, JUDGE_SEEDS.stop - 1], "judge": judged,
                        "verdict": verdict(judged[args.candidate], judged["parent"])})
     report["seconds"] = round(time.perf_counter() - started)

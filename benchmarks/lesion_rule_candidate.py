@@ -10,12 +10,16 @@ v5.4: stage 2 run in axial, coronal and sagittal slabs, probabilities averaged (
 The networks and classifier are v5.2's, unchanged; only the card's lesion rule, candidate filter and stage-2
 views change. Each candidate is judged against the parent model given (the shipped one when it was run).
 
-    python benchmarks/lesion_rule_candidate.py v5.3 --model LiverLesionAI/Resources/Models/liverlesionai-v5.2 \\
+    # v5.2's folder left the tree when v5.3 shipped (same weights): take it from git
+    mkdir -p /tmp/v52 && git archive 0eb79b9 LiverLesionAI/Resources/Models/liverlesionai-v5.2 | tar -x -C /tmp/v52
+    python benchmarks/lesion_rule_candidate.py v5.3 --model /tmp/v52/LiverLesionAI/Resources/Models/liverlesionai-v5.2 \\
         --cases /tmp/v53 --out benchmarks/results/candidate_v5.3.json
     # if adopted: the model folder, its card's figures from `evaluate` on the test phantoms and the real case
     python benchmarks/lesion_rule_candidate.py build benchmarks/results/candidate_v5.3.json \\
-        --model LiverLesionAI/Resources/Models/liverlesionai-v5.2 --out LiverLesionAI/Resources/Models/liverlesionai-v5.3 \\
+        --model /tmp/v52/LiverLesionAI/Resources/Models/liverlesionai-v5.2 --out LiverLesionAI/Resources/Models/liverlesionai-v5.3 \\
         --cases /tmp/v53 --real-case ../shared/data/ircadb-01/case_01
+    python benchmarks/lesion_rule_candidate.py v5.4 --model LiverLesionAI/Resources/Models/liverlesionai-v5.3 \\
+        --cases /tmp/v53 --out benchmarks/results/candidate_v5.4.json
 """
 
 from __future__ import annotations

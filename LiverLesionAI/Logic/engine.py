@@ -258,10 +258,12 @@ class LiverLesionEngine:
         return NetworkOutputs(ct, canon, g2, x2, prior2, probs2, list(warnings) + notes)
 
     def lesions_from(self, outputs: NetworkOutputs, progress: Progress | None = None,
-                     classify: bool = True) -> SegmentationResult:
+                     classify: bool = True, keep_features: bool = False) -> SegmentationResult:
         """Liver mask, lesions and their types from the networks' outputs, under the current config.
         ``classify=False`` skips the classifier head (every lesion gets equal type probabilities): for
-        detection-only uses such as tuning the candidate filter, where it would be most of the time."""
+        detection-only uses such as tuning the candidate filter, where it would be most of the time.
+        ``keep_features``: the result also holds each lesion's classifier input (``lesion_features``), to fit
+        a head on the masks the engine itself makes."""
         progress = progress or _no_progress
         cfg = self.config
         ct, canon, g2, x2, prior2, probs2 = (outputs.ct, outputs.canon, outputs.grid2, outputs.hu2, outputs.prior2,
@@ -278,8 +280,9 @@ class LiverLesionEngine:
         keep, evidence2 = _lesion_candidates(instances2, n, lesion_prob2, liver_region, cfg)
 
         progress(0.6, f"Classifying {len(keep)} lesion(s)")
+        features2 = self._lesion_features(x2, prior2, instances2, keep) if classify else {}
         if classify:
-            type_probs2 = self._classify(x2, prior2, instances2, keep)
+            type_probs2 = self._type_probabilities(features2)
         else:
             type_probs2 = {int(k): dict.fromkeys(LESION_TYPES, 1 / len(LESION_TYPES)) for k in keep}
 
@@ -289,6 +292,7 @@ class LiverLesionEngine:
         instances2 = remap[instances2]
         type_probs2 = {int(remap[k]): p for k, p in type_probs2.items()}
         evidence2 = {int(remap[k]): e for k, e in evidence2.items()}
+        features2 = {int(remap[k]): f for k, f in features2.items()} if keep_features else {}
         liver_fg = (probs2[1:].astype(np.float32).sum(0)) * liver_region
         lesion_fg = lesion_prob2 * (instances2 > 0)
         # Everything is mapped inside the stage-2 box of the canonical grid, then placed once.
@@ -296,7 +300,7 @@ class LiverLesionEngine:
         liver_c = np.zeros(canon.grid.shape, np.uint8)
         inst_c = np.zeros(canon.grid.shape, np.uint16)
         voxel_mm3 = abs(np.linalg.det(ct.ijk_to_ras[:3, :3]))
-        type_probs, evidence, liver_voxels = {}, {}, 0
+        type_probs, evidence, features, liver_voxels = {}, {}, {}, 0
         if sub is not None:
             liver_in = resample_separable(liver_fg, g2, sub, 1) > 0.5
             lesion_cut = 0.5 if cfg.lesion_threshold is None else cfg.lesion_threshold
@@ -304,8 +308,8 @@ class LiverLesionEngine:
             grown = ndimage.grey_dilation(instances2, size=(3, 3, 3))
             grown = np.where(instances2 > 0, instances2, grown)
             inst_in = resample_separable(grown, g2, sub, 0, cval=0, dtype=np.uint16) * lesion_in
-            kept_in, type_probs, evidence = _renumber_by_volume(inst_in, type_probs2, evidence2,
-                                                                MIN_LESION_MM3 / voxel_mm3)
+            kept_in, (type_probs, evidence, features) = _renumber_by_volume(
+                inst_in, (type_probs2, evidence2, features2), MIN_LESION_MM3 / voxel_mm3)
             organ_in = liver_in | (inst_in > 0)  # specks too small to report stay liver
             liver_c[slices] = organ_in & (kept_in == 0)
             inst_c[slices] = kept_in
@@ -321,11 +325,12 @@ class LiverLesionEngine:
             messages.append("No liver lesions found.")
         progress(1.0, f"Done: liver {liver_ml:.0f} mL, {len(records)} lesion(s)")
         return SegmentationResult(liver_mask, instances, records, ct.ijk_to_ras.copy(), liver_ml, messages,
-                                  self.version, lesion_evidence=evidence)
+                                  self.version, lesion_evidence=evidence, lesion_features=features)
 
     # ------------------------------------------------------------------------------------------
-    def _classify(self, x2, prior2, instances2, lesion_ids):
-        """Type probabilities per lesion id from the classifier head (three orthogonal patches)."""
+    def _lesion_features(self, x2, prior2, instances2, lesion_ids) -> dict[int, torch.Tensor]:
+        """The classifier head's input per lesion id: three orthogonal patches through the lesion, each
+        summarised by descriptors (or encoder features) and stage 2's type probabilities inside the mask."""
         if len(lesion_ids) == 0:
             return {}
         size = self.config.classifier_patch
@@ -356,11 +361,19 @@ class LiverLesionEngine:
                 ids = lesion_ids[start:start + 32]
                 vin = np.concatenate(inputs[start:start + 32])
                 vm = np.concatenate(masks[start:start + 32])
-                vectors = lesion_view_vectors(self.stage2, vin, vm, self.device, self.config.classifier_features)
-                probs = self.classifier(vectors).softmax(1).cpu().numpy()
-                for lesion_id, p in zip(ids, probs):
-                    out[int(lesion_id)] = {t: float(v) for t, v in zip(LESION_TYPES, p)}
+                views = lesion_view_vectors(self.stage2, vin, vm, self.device, self.config.classifier_features)
+                for lesion_id, vector in zip(ids, torch.cat(views, dim=1).float().cpu()):
+                    out[int(lesion_id)] = vector
         return out
+
+    def _type_probabilities(self, features: dict[int, torch.Tensor]) -> dict[int, dict[str, float]]:
+        """Calibrated type probabilities per lesion id from the classifier head."""
+        if not features:
+            return {}
+        with torch.inference_mode():
+            vectors = torch.stack(list(features.values())).to(self.device)
+            probs = (self.classifier.logits(vectors) / self.classifier.temperature).softmax(1).cpu().numpy()
+        return {lesion_id: {t: float(v) for t, v in zip(LESION_TYPES, p)} for lesion_id, p in zip(features, probs)}
 
     def classify_lesion(self, ct: CTVolume, lesion_mask: np.ndarray) -> dict[str, float]:
         """Type probabilities for one lesion the user drew (mask in the CT's voxel grid)."""
@@ -383,7 +396,7 @@ class LiverLesionEngine:
         mask2 = (resample_separable(mask_c, canon.grid, g2, 1) > 0.5).astype(np.int32)
         if not mask2.any():
             mask2 = (resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0).astype(np.int32)
-        return self._classify(x2, prior2, mask2, np.array([1]))[1]
+        return self._type_probabilities(self._lesion_features(x2, prior2, mask2, np.array([1])))[1]
 
 
 def fill_holes_per_slice(mask):
@@ -428,15 +441,17 @@ def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
     return keep, {int(i): {"confidence": float(confidence[i]), "surface_fraction": float(surface[i])} for i in keep}
 
 
-def _renumber_by_volume(instances, type_probs, evidence, min_voxels):
+def _renumber_by_volume(instances, per_lesion, min_voxels):
     """Lesion ids 1..n by decreasing volume (id 1 = largest), dropping lesions that shrank below the
-    reportable size when mapped to the input grid."""
+    reportable size when mapped to the input grid; ``per_lesion``, dicts by lesion id, renumbered alike
+    (a dict may be empty)."""
     counts = np.bincount(instances.ravel())
     ids = [i for i in np.argsort(-counts, kind="stable") if i > 0 and counts[i] >= max(min_voxels, 1)]
     remap = np.zeros(len(counts), np.uint16)
-    new_probs, new_evidence = {}, {}
+    renumbered = tuple({} for _ in per_lesion)
     for new_id, old_id in enumerate(ids, start=1):
         remap[old_id] = new_id
-        new_probs[new_id] = type_probs[int(old_id)]
-        new_evidence[new_id] = evidence[int(old_id)]
-    return remap[instances], new_probs, new_evidence
+        for source, target in zip(per_lesion, renumbered):
+            if int(old_id) in source:
+                target[new_id] = source[int(old_id)]
+    return remap[instances], renumbered

@@ -102,6 +102,8 @@ class SegmentationResult:
     model_version: str = ""
     # lesion id -> {"confidence": mean lesion probability, "surface_fraction": share near the liver surface}
     lesion_evidence: dict[int, dict[str, float]] = field(default_factory=dict)
+    # lesion id -> the classifier head's input (engine.lesions_from(..., keep_features=True) only)
+    lesion_features: dict[int, object] = field(default_factory=dict)
 
     def as_prediction(self) -> dict:
         """The masks and types in the form evaluation.evaluate_case compares with ground truth."""

@@ -366,6 +366,36 @@ def classifier_samples(stage2, cfg: CascadeConfig, source, count, rng, device, l
     return torch.cat(features), torch.tensor(labels)
 
 
+def engine_lesion_samples(engine, cases, log=print):
+    """Classifier inputs and reference types of the lesions the engine itself reports on (case id, CTVolume,
+    truth) triples, under its lesion rule and candidate filter: the masks the head types in use, which reference
+    masks and their random cores (``classifier_samples``) only approximate. A lesion counts where the evaluation's
+    one-to-one matching pairs it with a reference lesion of a known type.
+
+    -> (features (N, D), labels (N,), per-lesion {"case_id", "gt_long_axis_mm", "pred_type"} list, evaluate_case
+    metrics of every case)."""
+    from .evaluation import evaluate_case
+    from .records import SegmentationResult
+
+    features, labels, lesions, metrics, t0 = [], [], [], [], time.time()
+    for case_id, ct, truth in cases:
+        outputs = engine.run_networks(ct)
+        result = outputs if isinstance(outputs, SegmentationResult) else engine.lesions_from(outputs,
+                                                                                               keep_features=True)
+        case_metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id)
+        metrics.append(case_metrics)
+        for match in case_metrics["matches"]:
+            if match["gt_type"] in LESION_TYPES:
+                features.append(result.lesion_features[match["pred_id"]])
+                labels.append(LESION_TYPES.index(match["gt_type"]))
+                lesions.append({"case_id": case_id, "gt_long_axis_mm": match["gt_long_axis_mm"],
+                                "pred_type": match["pred_type"]})
+        log(f"[classifier] {case_id}: {len(labels)} matched lesions so far ({time.time() - t0:.0f} s)")
+    size = 3 * LesionClassifierHead.view_size(engine.config)
+    return (torch.stack(features) if features else torch.zeros(0, size), torch.tensor(labels, dtype=torch.long),
+            lesions, metrics)
+
+
 def train_head(head: LesionClassifierHead, features, labels, epochs, lr, batch):
     """Cross-entropy epochs over (features, labels); standardisation and temperature untouched."""
     opt = torch.optim.AdamW(head.mlp.parameters(), lr=lr, weight_decay=1e-3)

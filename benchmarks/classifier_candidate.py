@@ -1,0 +1,273 @@
+"""Classifier candidate v5.5: the lesion classifier head re-fitted on the masks the engine itself makes.
+
+v5.3's lower lesion threshold (0.15) gives larger lesion masks than the reference masks and random cores its head
+was fitted on (training.classifier_samples), and on the test phantoms cysts typed right fell from 3 of 5 to 1 of 7.
+v5.5 keeps v5.3's networks, lesion rule and filter, and fits the head on the engine's own lesions.
+
+    W=/tmp/v55 M=LiverLesionAI/Resources/Models/liverlesionai-v5.3
+    for w in 0 1; do python benchmarks/classifier_candidate.py collect train --worker $w --model $M \
+        --out $W/train_$w.pt --minutes 45 & done; wait
+    python benchmarks/classifier_candidate.py collect pool --model $M --cases /tmp/v53 --out $W/pool.pt &
+    python benchmarks/classifier_candidate.py collect judge --model $M --cases /tmp/v53 --out $W/judge.pt; wait
+    python benchmarks/classifier_candidate.py decide --model $M --work $W --out benchmarks/results/candidate_v5.5.json
+    # if adopted: the model folder, with its card's figures from `evaluate` on the test phantoms and the real case
+    python benchmarks/classifier_candidate.py build benchmarks/results/candidate_v5.5.json --model $M --work $W \\
+        --out LiverLesionAI/Resources/Models/liverlesionai-v5.5 --cases /tmp/v53 --real-case ../shared/data/ircadb-01/case_01
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lesion_rule_candidate import JUDGE_SEEDS, MAX_IN_PLANE, POOL_SEEDS, phantom_set, triples
+
+DECLARATION = """Declared 2026-12-05 17:09 UTC, before any figure of this experiment was seen.
+
+Candidate v5.5: liverlesionai-v5.3's networks, lesion rule (threshold 0.15, holes filled) and candidate filter
+unchanged; only the lesion classifier head changes.
+
+Samples: the engine's own lesions (training.engine_lesion_samples: the evaluation's one-to-one matching pairs an
+engine lesion with a reference lesion, which gives its type), classifier inputs as the engine computes them.
+ - train: fresh training phantoms generated in memory (training range, never a validation or test seed; no other
+   stage drew them), 384 matrix, v5.3's rule with the candidate filter off (every candidate: more lesions, the
+   same kind of masks); two workers of 1 thread, worker w taking seeds 1_800_000 + 10_000 w upwards in order,
+   each until 45 minutes of wall time have passed.
+ - pool: the 48 pool phantoms (500000-500047), the engine as shipped (rule and filter).
+ - judge: the 24 judge phantoms (500100-500123), the engine as shipped, used for nothing but the verdict.
+Heads (chosen on the pool only): the shipped head (h0); the shipped head fine-tuned on the train samples
+(finetune.refit_head: lr 3e-4, batch 32, standardisation kept) for 20, 60 or 150 epochs, each also blended halfway
+with the shipped head; a head fitted from scratch on the train samples (standardisation from them, 400 epochs,
+lr 1e-3, batch 64). Choice: the highest pool type accuracy among heads whose pool balanced accuracy (mean recall
+over the three types) is at least h0's; ties: h0 first, then the listed order. If h0 is chosen there is no
+candidate. The chosen head's temperature is then fitted on the pool lesions (it changes the shown probabilities,
+not the types).
+
+Adopt if, on the judge lesions, against h0 on the same lesions:
+ (a) type accuracy >= h0's + 0.03
+ (b) balanced accuracy >= h0's
+Masks, detection, lesion and liver Dice do not depend on the head (the filter uses stage 2's lesion probability);
+the build's `evaluate` figures must show them unchanged. Test set (seeds 0-19) and the real case: reported only."""
+
+TRAIN_SEED_BASE_V55 = 1_800_000
+REFIT_EPOCHS = (20, 60, 150)
+
+
+def _engine(model, threads):
+    from liverlesionai.engine import LiverLesionEngine
+
+    return LiverLesionEngine(model, device="cpu", threads=threads, precision="fp32")
+
+
+def _fresh_phantoms(deadline: float, seeds: list, worker: int):
+    from liverlesionai.phantom import generate_phantom_ct
+
+    seed = TRAIN_SEED_BASE_V55 + 10_000 * worker
+    while time.time() < deadline:
+        ct, truth = generate_phantom_ct(seed, max_in_plane=MAX_IN_PLANE)
+        seeds.append(seed)
+        yield f"phantom_{seed}", ct, {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
+                                      "lesion_types": truth.lesion_types}
+        seed += 1
+
+
+def collect(which: str, model, out: Path, cases: Path | None, minutes: float, threads: int, worker: int = 0):
+    from liverlesionai.training import engine_lesion_samples
+
+    if out.exists():
+        raise SystemExit(f"{out} exists: not overwriting")
+    engine = _engine(model, threads)
+    seeds = []
+    started = time.time()
+    if which == "train":
+        engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0
+        source = _fresh_phantoms(started + 60 * minutes, seeds, worker)
+    else:
+        seed_range = POOL_SEEDS if which == "pool" else JUDGE_SEEDS
+        source = triples(phantom_set(cases / which, seed_range, threads))
+        seeds = [seed_range.start, seed_range.stop - 1]
+    features, labels, lesions, metrics = engine_lesion_samples(engine, source, log=lambda m: print(m, flush=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save({"features": features, "labels": labels, "lesions": lesions, "seeds": seeds,
+                "metrics": [{k: m[k] for k in ("case_id", "liver_dice", "detection", "type_confusion")}
+                            for m in metrics], "seconds": round(time.time() - started)}, tmp)
+    tmp.rename(out)
+    print(f"{which}: {len(labels)} lesions from {len(metrics)} phantoms in {time.time() - started:.0f} s")
+
+
+def scores(head, features, labels) -> dict:
+    from liverlesionai.records import LESION_TYPES
+    from liverlesionai.training import expected_calibration_error
+
+    with torch.no_grad():
+        logits = head.eval().logits(features)
+        probs = (logits / head.temperature).softmax(1)
+    predicted = logits.argmax(1)
+    recall = {t: float((predicted[labels == i] == i).float().mean()) for i, t in enumerate(LESION_TYPES)
+              if (labels == i).any()}
+    confusion = [[int(((labels == i) & (predicted == j)).sum()) for j in range(3)] for i in range(3)]
+    return {"type_accuracy": float((predicted == labels).float().mean()),
+            "balanced_accuracy": sum(recall.values()) / len(recall), "recall_by_type": recall,
+            "confusion": confusion, "lesions": len(labels),
+            "nll": float(torch.nn.functional.nll_loss(probs.clamp(min=1e-8).log(), labels)),
+            "expected_calibration_error": expected_calibration_error(probs, labels)}
+
+
+def candidate_heads(shipped, cfg, train_features, train_labels) -> dict:
+    from liverlesionai.finetune import blend_heads, refit_head
+    from liverlesionai.networks import LesionClassifierHead
+    from liverlesionai.training import train_head
+
+    heads = {"h0_shipped": shipped}
+    for epochs in REFIT_EPOCHS:
+        refit = refit_head(shipped, train_features, train_labels, epochs, seed=0)
+        heads[f"refit_{epochs}"] = refit.eval()
+        heads[f"refit_{epochs}_blend_0.5"] = blend_heads(shipped, refit, 0.5)
+    torch.manual_seed(0)
+    scratch = LesionClassifierHead(cfg)
+    scratch.feature_mean.copy_(train_features.mean(0))
+    scratch.feature_std.copy_(train_features.std(0).clamp(min=1e-4))
+    heads["scratch"] = train_head(scratch, train_features, train_labels, 400, lr=1e-3, batch=64)
+    return heads
+
+
+def decide(model, work: Path, out: Path):
+    from liverlesionai.training import fit_temperature
+
+    if out.exists():
+        raise SystemExit(f"{out} exists: not overwriting an earlier result")
+    data = {name: torch.load(work / f"{name}.pt", weights_only=False) for name in ("pool", "judge")}
+    workers = [torch.load(f, weights_only=False) for f in sorted(work.glob("train_*.pt"))]
+    data["train"] = {"features": torch.cat([w["features"] for w in workers]),
+                     "labels": torch.cat([w["labels"] for w in workers]),
+                     "lesions": [lesion for w in workers for lesion in w["lesions"]],
+                     "seeds": [[w["seeds"][0], w["seeds"][-1]] for w in workers],
+                     "metrics": [m for w in workers for m in w["metrics"]], "seconds": max(w["seconds"] for w in workers)}
+    engine = _engine(model, 2)
+    shipped = engine.classifier.eval()
+    heads = candidate_heads(shipped, engine.config, data["train"]["features"], data["train"]["labels"])
+    pool = {name: scores(head, data["pool"]["features"], data["pool"]["labels"]) for name, head in heads.items()}
+    floor = pool["h0_shipped"]["balanced_accuracy"]
+    eligible = [name for name in heads if pool[name]["balanced_accuracy"] >= floor - 1e-9]
+    chosen = max(eligible, key=lambda n: (round(pool[n]["type_accuracy"], 6), -list(heads).index(n)))
+    report = {"candidate": "v5.5", "declaration": DECLARATION, "model": str(model),
+              "decided": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "samples": {name: {"lesions": len(d["labels"]), "phantoms": len(d["metrics"]), "seeds": d["seeds"],
+                                 "seconds": d["seconds"],
+                                 "by_type": torch.bincount(d["labels"], minlength=3).tolist()}
+                          for name, d in data.items()},
+              "pool": pool, "chosen": chosen}
+    print("pool:", {n: (round(s["type_accuracy"], 3), round(s["balanced_accuracy"], 3)) for n, s in pool.items()})
+    if chosen == "h0_shipped":
+        report["result"] = "the pool chose the shipped head: no candidate"
+    else:
+        head = heads[chosen]
+        with torch.no_grad():
+            head.temperature.fill_(fit_temperature(head.logits(data["pool"]["features"]), data["pool"]["labels"]))
+        report["temperature"] = float(head.temperature)
+        judged = {name: scores(h, data["judge"]["features"], data["judge"]["labels"])
+                  for name, h in (("h0_shipped", shipped), (chosen, head))}
+        checks = {"a_type_accuracy": judged[chosen]["type_accuracy"] >= judged["h0_shipped"]["type_accuracy"] + 0.03,
+                  "b_balanced_accuracy": judged[chosen]["balanced_accuracy"]
+                  >= judged["h0_shipped"]["balanced_accuracy"] - 1e-9}
+        report.update({"judge": judged, "verdict": {**checks, "adopted": all(checks.values())}})
+        torch.save(head.state_dict(), work / "chosen_head.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.rename(out)
+    print(json.dumps({k: report[k] for k in ("chosen", "judge", "verdict", "result") if k in report}, indent=1))
+
+
+def build(result_file: Path, parent_dir: Path, work: Path, model_out: Path, cases: Path, real_case: Path,
+          threads: int):
+    """The adopted head in a model folder (the parent's networks and rule), with the card's figures from
+    ``evaluate`` (float32) on the test phantoms (seeds 0-19, 384 matrix) and the real case."""
+    from liverlesionai.cli import evaluate_model_or_predictions
+    from liverlesionai.model_io import load_model, save_model
+    from liverlesionai.training import TEST_SEED_BASE, _card_metrics
+
+    report = json.loads(result_file.read_text())
+    if not report.get("verdict", {}).get("adopted"):
+        raise SystemExit(f"{result_file}: the candidate was not adopted")
+    if model_out.exists():
+        raise SystemExit(f"{model_out} exists: not overwriting a model")
+    state, card = load_model(parent_dir)
+    head = torch.load(work / "chosen_head.pt", weights_only=True)
+    state = {**state, **{f"classifier.{k}": v for k, v in head.items()}}
+    test_seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + 20)
+    test_dir = phantom_set(cases / "test", test_seeds, threads)
+    samples = report["samples"]["train"]
+    new_card = {k: card[k] for k in ("name", "generator_version", "seeds", "training_steps", "hyperparameters",
+                                     "architecture") if k in card}
+    new_card.update({
+        "version": "5.5.0",
+        "classifier": {**card["classifier"], "samples": samples["lesions"], "temperature": report["temperature"],
+                       "refit": f"{report['chosen']} on {samples['lesions']} engine lesions of {samples['phantoms']} "
+                                f"training phantoms (seed ranges {samples['seeds']}), "
+                                f"temperature fitted on the 48 pool phantoms' lesions",
+                       "calibration": None},
+        "training_history": f"{Path(parent_dir).name} ({card['version']}) with its lesion classifier head re-fitted on "
+                            f"the engine's own lesion masks ({report['chosen']}; benchmarks/classifier_candidate.py, "
+                            f"results/candidate_v5.5.json); stage 1, stage 2, lesion rule and filter unchanged. "
+                            f"{Path(parent_dir).name}'s history: " + card.get("training_history", ""),
+        "adoption": {"rule": report["declaration"], "result": report["verdict"], "previous": card.get("adoption")},
+    })
+    staging = model_out.with_name("." + model_out.name + ".staging")
+    save_model(staging, state, {**new_card, "metrics": {}})  # evaluate reads a model folder
+    try:
+        metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging, test_dir, "cpu", threads,
+                                                                               precision="fp32")),
+                   "real_case": _card_metrics(evaluate_model_or_predictions(staging, real_case, "cpu", threads,
+                                                                            precision="fp32")),
+                   "judge_validation_24": report["judge"]}
+        metrics["phantom_test"]["seeds"] = list(test_seeds)
+        save_model(model_out, state, {**new_card, "metrics": metrics})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(json.dumps({k: metrics[k] for k in ("phantom_test", "real_case")}, indent=1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="engine lesions of one phantom set, with their classifier inputs")
+    c.add_argument("which", choices=("train", "pool", "judge"))
+    c.add_argument("--model", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--cases", type=Path, help="folder of the pool and judge phantoms")
+    c.add_argument("--minutes", type=float, default=40.0, help="train: wall time to collect for")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--worker", type=int, default=0, help="train: seeds 1_800_000 + 10_000 * worker upwards")
+    d = sub.add_parser("decide", help="fit the heads, choose on the pool, judge")
+    d.add_argument("--model", type=Path, required=True)
+    d.add_argument("--work", type=Path, required=True)
+    d.add_argument("--out", type=Path, required=True)
+    b = sub.add_parser("build", help="the adopted model folder")
+    b.add_argument("result", type=Path)
+    b.add_argument("--model", type=Path, required=True)
+    b.add_argument("--work", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--cases", type=Path, required=True)
+    b.add_argument("--real-case", type=Path, required=True)
+    b.add_argument("--threads", type=int, default=2)
+    a = parser.parse_args(argv)
+    if a.command == "collect":
+        if a.which != "train" and a.cases is None:
+            parser.error("--cases is needed for the pool and judge sets")
+        collect(a.which, a.model, a.out, a.cases, a.minutes, a.threads, a.worker)
+    elif a.command == "decide":
+        decide(a.model, a.work, a.out)
+    else:
+        build(a.result, a.model, a.work, a.out, a.cases, a.real_case, a.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -104,6 +104,18 @@ def test_train_resume_assemble_and_run(tmp_path):
     assert result.liver_mask.shape == ct.voxels.shape
     with pytest.raises(FileExistsError):
         T.build_model(run, tmp_path / "model")
+    # a head from elsewhere (the one fitted on engine lesions) replaces the run's own classifier
+    other = {k: v + 1.0 if v.is_floating_point() else v for k, v in finished_head(run).items()}
+    T._save_checkpoint(run / "classifier_engine.ckpt", {"model": other, "info": "{}"})
+    T.assemble_model(run, tmp_path / "model_head", {"version": "t"}, classifier_ckpt=run / "classifier_engine.ckpt")
+    state_head, _ = load_model(tmp_path / "model_head")
+    for name, value in other.items():
+        torch.testing.assert_close(state_head[f"classifier.{name}"], value)
+    assert all(torch.equal(state_head[k], state[k]) for k in state if not k.startswith("classifier."))
+
+
+def finished_head(run):
+    return torch.load(run / "classifier.ckpt", weights_only=True)["model"]
 
 
 def test_warm_restarts_continue_the_first_cycles_and_refit_the_classifier_only_for_stage2(tmp_path):
@@ -241,3 +253,80 @@ def test_lesion_thresholds_sharing_one_network_pass_see_what_separate_runs_see(s
     assert np.array_equal(result.lesion_instances, untyped.lesion_instances) and result.lesions
     assert all(r.probabilities == pytest.approx(dict.fromkeys(("cyst", "hemangioma", "metastasis"), 1 / 3))
                for r in untyped.lesions)
+
+
+def test_engine_lesion_samples_are_the_inputs_that_typed_the_engines_matched_lesions(shipped_model_dir):
+    from liverlesionai.records import LESION_TYPES
+
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0  # every candidate
+    ct, truth = generate_phantom_ct(500_003, max_in_plane=160)
+    reference = {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
+                 "lesion_types": truth.lesion_types}
+    features, labels, lesions, metrics = T.engine_lesion_samples(engine, [("p", ct, reference)], log=lambda m: None)
+
+    assert not engine.segment(ct).lesion_features  # kept only when asked
+    result = engine.lesions_from(engine.run_networks(ct), keep_features=True)
+    assert set(result.lesion_features) == {r.lesion_id for r in result.lesions}
+    for record in result.lesions:  # the kept inputs are the ones that typed each lesion
+        again = engine._type_probabilities({record.lesion_id: result.lesion_features[record.lesion_id]})
+        assert again[record.lesion_id] == pytest.approx(record.probabilities, abs=1e-4)
+    matches = [m for m in metrics[0]["matches"] if m["gt_type"] in LESION_TYPES]
+    assert 0 < len(matches) < len(result.lesions)  # unmatched candidates give no sample
+    assert [LESION_TYPES[i] for i in labels] == [truth.lesion_types[m["gt_id"]] for m in matches]
+    assert [s["pred_type"] for s in lesions] == [m["pred_type"] for m in matches]
+    for vector, match in zip(features, matches):
+        torch.testing.assert_close(vector, result.lesion_features[match["pred_id"]])
+    assert features.shape == (len(matches), 3 * (26 + 3))
+
+
+def test_engine_lesion_heads_learn_their_samples_from_the_parent_or_from_scratch():
+    from liverlesionai.networks import LesionClassifierHead
+
+    cfg = CascadeConfig()
+    torch.manual_seed(1)
+    parent = LesionClassifierHead(cfg).eval()
+    parent.temperature.fill_(2.5)
+    labels = torch.arange(240) % 3
+    features = torch.randn(240, 3 * LesionClassifierHead.view_size(cfg)) + 3.0 * torch.nn.functional.one_hot(
+        labels, 3).float().repeat(1, 29)  # separable: every third feature marks the type
+    accuracy = {}
+    for recipe in ("refit_60", "refit_60_blend_0.5", "scratch"):
+        head = T.engine_lesion_head(recipe, parent, cfg, features, labels)
+        with torch.no_grad():
+            accuracy[recipe] = float((head.eval().logits(features).argmax(1) == labels).float().mean())
+        assert float(head.temperature) == 2.5  # fitted afterwards, on other lesions
+    with torch.no_grad():
+        accuracy["parent"] = float((parent.logits(features).argmax(1) == labels).float().mean())
+    assert accuracy["refit_60"] > 0.95 and accuracy["scratch"] > 0.95 and accuracy["parent"] < 0.6
+    scratch = T.engine_lesion_head("scratch", parent, cfg, features, labels)
+    torch.testing.assert_close(scratch.feature_mean, features.mean(0))  # its own standardisation
+    refit = T.engine_lesion_head("refit_60", parent, cfg, features, labels)
+    blend = T.engine_lesion_head("refit_60_blend_0.5", parent, cfg, features, labels)
+    for name, value in blend.state_dict().items():  # halfway between the parent and the re-fit, same seed
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (parent.state_dict()[name] + refit.state_dict()[name]) / 2)
+    with pytest.raises(ValueError, match="unknown head recipe"):
+        T.engine_lesion_head("refit_60_blend_0.3", parent, cfg, features, labels)
+
+
+def test_head_fitted_on_engine_lesions_of_fresh_phantoms(tmp_path, shipped_model_dir):
+    from liverlesionai.datasets import write_phantom_case
+    from liverlesionai.networks import LesionClassifierHead
+
+    write_phantom_case(tmp_path / "cal" / "phantom_500003", 500_003, max_in_plane=160)
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    own_filter = (engine.config.min_lesion_confidence, engine.config.max_surface_fraction)
+    logs = []
+    state, info = T.fit_head_on_engine_lesions(shipped_model_dir, "refit_20", 2, tmp_path / "cal", device="cpu",
+                                               log=logs.append, max_in_plane=160)
+    assert info["phantoms"] == 2 and info["lesions"] > 0 and info["calibration_lesions"] > 0
+    assert any("phantom_1800001" in line for line in logs)  # the training range, never a validation seed
+    head = LesionClassifierHead(engine.config)
+    head.load_state_dict(state)
+    assert float(head.temperature) == info["temperature"]
+    assert not torch.equal(head.mlp[0].weight, engine.classifier.mlp[0].weight)  # re-fitted
+    assert set(info["calibration_accuracy"]) == {"parent_head", "head"}
+    again = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")  # the model folder is untouched
+    assert (again.config.min_lesion_confidence, again.config.max_surface_fraction) == own_filter
+    torch.testing.assert_close(again.classifier.mlp[0].weight, engine.classifier.mlp[0].weight)

@@ -172,9 +172,7 @@ def verdict(candidate: dict, parent: dict) -> dict:
 def build(result_file: Path, parent_dir: Path, model_out: Path, cases: Path, real_case: Path, threads: int):
     """The adopted candidate as a model folder: the parent's weights, the chosen rule in the card, and the card's
     figures from ``evaluate`` (float32) on the test phantoms (seeds 0-19, 384 matrix) and the real case."""
-    from liverlesionai.cli import evaluate_model_or_predictions
-    from liverlesionai.model_io import load_model, save_model
-    from liverlesionai.training import TEST_SEED_BASE, _card_metrics
+    from liverlesionai.model_io import load_model
 
     report = json.loads(result_file.read_text())
     if not report.get("verdict", {}).get("adopted"):
@@ -183,11 +181,6 @@ def build(result_file: Path, parent_dir: Path, model_out: Path, cases: Path, rea
         raise SystemExit(f"{model_out} exists: not overwriting a model")
     name, chosen = report["candidate"], report["chosen"]
     state, card = load_model(parent_dir)
-    test_seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + 20)
-    test_dir = cases / "test"
-    test_dir.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(threads) as pool:
-        list(pool.map(_write, [(test_dir / f"phantom_{seed:05d}", seed) for seed in test_seeds]))
     rule = ", ".join(f"{k} {v}" for k, v in chosen.items())
     new_card = {k: card[k] for k in ("name", "generator_version", "seeds", "training_steps", "hyperparameters",
                                      "classifier") if k in card}
@@ -202,19 +195,37 @@ def build(result_file: Path, parent_dir: Path, model_out: Path, cases: Path, rea
                             + card.get("training_history", ""),
         "adoption": {"rule": report["declaration"], "result": report["verdict"], "previous": card.get("adoption")},
     })
+    save_evaluated_model(model_out, state, new_card, cases, real_case, threads,
+                         {"pool_tuning_by_threshold": report["pool_tuning_by_threshold"],
+                          "judge_validation_24": report["judge"]})
+
+
+def save_evaluated_model(model_out: Path, state: dict, card: dict, cases: Path, real_case: Path, threads: int,
+                         extra_metrics: dict):
+    """A model folder whose card's figures come from ``evaluate`` (float32) on the test phantoms (seeds 0-19,
+    384 matrix, written to ``cases``/test when missing) and the real case; it appears complete or not at all."""
+    import shutil
+
+    from liverlesionai.cli import evaluate_model_or_predictions
+    from liverlesionai.model_io import save_model
+    from liverlesionai.training import TEST_SEED_BASE, _card_metrics
+
+    test_seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + 20)
+    test_dir = cases / "test"
+    test_dir.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(threads) as pool:
+        list(pool.map(_write, [(test_dir / f"phantom_{seed:05d}", seed) for seed in test_seeds]))
     staging = model_out.with_name("." + model_out.name + ".staging")
-    save_model(staging, state, {**new_card, "metrics": {}})  # evaluate reads a model folder
+    save_model(staging, state, {**card, "metrics": {}})  # evaluate reads a model folder
     try:
         metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging, test_dir, "cpu", threads,
                                                                                precision="fp32")),
                    "real_case": _card_metrics(evaluate_model_or_predictions(staging, real_case, "cpu", threads,
                                                                             precision="fp32")),
-                   "pool_tuning_by_threshold": report["pool_tuning_by_threshold"],
-                   "judge_validation_24": report["judge"]}
+                   **extra_metrics}
         metrics["phantom_test"]["seeds"] = list(test_seeds)
-        save_model(model_out, state, {**new_card, "metrics": metrics})
+        save_model(model_out, state, {**card, "metrics": metrics})
     finally:
-        import shutil
         shutil.rmtree(staging, ignore_errors=True)
     print(json.dumps({k: metrics[k] for k in ("phantom_test", "real_case")}, indent=1))
 

@@ -31,6 +31,7 @@ LIVER_TISSUES = (ph.LIVER, ph.LIVER_VESSEL, ph.LESION)
 RESTART_LR = 1e-3  # peak learning rate of a stage's second cycle (the first peaks at 2e-3)
 RESTART_SEED_OFFSET = 50_000  # the second cycle sees phantoms the first never drew
 STAGE_SEED_BASES = {"stage1": TRAIN_SEED_BASE, "stage2": TRAIN_SEED_BASE + 200_000}
+ENGINE_LESION_SEED_BASE = TRAIN_SEED_BASE + 800_000  # phantoms of the head fitted on the engine's own lesions
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -396,6 +397,73 @@ def engine_lesion_samples(engine, cases, log=print):
             lesions, metrics)
 
 
+# heads fitted on the engine's own lesions (engine_lesion_samples), tried by benchmarks/classifier_candidate.py:
+# the parent's head fine-tuned for n epochs (finetune.refit_head), each also blended halfway with the parent's, or
+# a head fitted from scratch
+ENGINE_HEAD_RECIPES = ("refit_20", "refit_20_blend_0.5", "refit_60", "refit_60_blend_0.5", "refit_150",
+                       "refit_150_blend_0.5", "scratch")
+ENGINE_HEAD_RECIPE = "refit_60"  # PENDING: v5.5's choice
+
+
+def engine_lesion_head(recipe: str, parent: LesionClassifierHead, cfg: CascadeConfig, features, labels):
+    """The head of ``recipe`` (ENGINE_HEAD_RECIPES) fitted on engine lesion samples; the parent's temperature
+    (fit it afterwards: fit_temperature)."""
+    from .finetune import blend_heads, refit_head
+
+    if recipe == "scratch":
+        torch.manual_seed(0)
+        head = LesionClassifierHead(cfg)
+        head.feature_mean.copy_(features.mean(0))
+        head.feature_std.copy_(features.std(0).clamp(min=1e-4))
+        head.temperature.copy_(parent.temperature)
+        return train_head(head, features, labels, 400, lr=1e-3, batch=64)
+    if recipe not in ENGINE_HEAD_RECIPES:
+        raise ValueError(f"unknown head recipe {recipe!r}; one of {ENGINE_HEAD_RECIPES}")
+    refit = refit_head(parent, features, labels, int(recipe.split("_")[1]), seed=0).eval()
+    return blend_heads(parent, refit, 0.5) if recipe.endswith("_blend_0.5") else refit
+
+
+def fresh_phantom_cases(seed_base, count, max_in_plane=None):
+    """(case id, CTVolume, truth) of ``count`` phantoms generated in memory, seeds ``seed_base`` upwards."""
+    for seed in range(seed_base, seed_base + count):
+        ct, truth = ph.generate_phantom_ct(seed, max_in_plane=max_in_plane)
+        yield f"phantom_{seed}", ct, {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
+                                      "lesion_types": truth.lesion_types}
+
+
+def fit_head_on_engine_lesions(model_dir, recipe, phantoms, calibration_dir, device="auto", threads=None, log=print,
+                               precision="fp32", max_in_plane=384):
+    """The classifier head of the model at ``model_dir`` fitted by ``recipe`` (ENGINE_HEAD_RECIPES) on the lesions
+    its engine reports on ``phantoms`` fresh training phantoms (every candidate), its temperature fitted on the
+    engine's lesions of the phantom cases in ``calibration_dir`` (the model's own filter). -> (state dict, info)."""
+    from .datasets import find_cases
+    from .engine import LiverLesionEngine
+
+    engine = LiverLesionEngine(model_dir, device=device, threads=threads, precision=precision)
+    cfg = engine.config
+    own_filter = (cfg.min_lesion_confidence, cfg.max_surface_fraction)
+    cfg.min_lesion_confidence, cfg.max_surface_fraction = 0.0, 1.0
+    try:
+        features, labels, _, _ = engine_lesion_samples(
+            engine, fresh_phantom_cases(ENGINE_LESION_SEED_BASE, phantoms, max_in_plane), log)
+    finally:
+        cfg.min_lesion_confidence, cfg.max_surface_fraction = own_filter
+    if len(labels) == 0:
+        raise ValueError(f"the engine matched no lesion on {phantoms} training phantoms: no head to fit")
+    calibration = ((c.case_id, c.load_image(), c.load_truth()) for c in find_cases(calibration_dir))
+    cal_features, cal_labels, _, _ = engine_lesion_samples(engine, calibration, log)
+    head = engine_lesion_head(recipe, engine.classifier, cfg, features, labels).eval()
+    with torch.no_grad():
+        head.temperature.fill_(fit_temperature(head.logits(cal_features), cal_labels))
+        accuracy = {name: float((h.eval().logits(cal_features).argmax(1) == cal_labels).float().mean())
+                    for name, h in (("parent_head", engine.classifier), ("head", head))}
+    info = {"recipe": recipe, "lesions": len(labels), "phantoms": phantoms, "seed_base": ENGINE_LESION_SEED_BASE,
+            "temperature": float(head.temperature), "calibration_lesions": len(cal_labels),
+            "calibration_accuracy": accuracy}
+    log(f"[classifier] fitted on engine lesions: {info}")
+    return head.state_dict(), info
+
+
 def train_head(head: LesionClassifierHead, features, labels, epochs, lr, batch):
     """Cross-entropy epochs over (features, labels); standardisation and temperature untouched."""
     opt = torch.optim.AdamW(head.mlp.parameters(), lr=lr, weight_decay=1e-3)
@@ -532,8 +600,10 @@ def classifier_is_current(run_dir) -> bool:
             and info.get("features", "encoder") == CascadeConfig().classifier_features)
 
 
-def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_overrides: dict | None = None):
-    """Combine the stage checkpoints of ``run_dir`` into a model folder (safetensors + card)."""
+def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_overrides: dict | None = None,
+                   classifier_ckpt: Path | None = None):
+    """Combine the stage checkpoints of ``run_dir`` into a model folder (safetensors + card); the classifier
+    head from ``classifier_ckpt`` when given (e.g. the head fitted on engine lesions)."""
     from .model_io import save_model
     from .phantom import GENERATOR_VERSION
 
@@ -541,7 +611,8 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
     cfg = CascadeConfig.from_dict({**json.loads((run_dir / "config.json").read_text()), **(config_overrides or {})})
     state, steps = {}, {}
     for part in ("stage1", "stage2", "classifier"):
-        ckpt = run_dir / "classifier.ckpt" if part == "classifier" else final_checkpoint(run_dir, part)
+        ckpt = (classifier_ckpt or run_dir / "classifier.ckpt") if part == "classifier" else \
+            final_checkpoint(run_dir, part)
         if not ckpt.exists():
             if part == "classifier":  # untrained head: pixel evidence only would be a different model
                 head = LesionClassifierHead(cfg)
@@ -564,9 +635,12 @@ def assemble_model(run_dir, model_dir, card_extra: dict | None = None, config_ov
 
 def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=3000, device="auto", threads=None,
                 test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None,
-                validation_cases=48, steps1_restart=0, steps2_restart=0):
-    """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, evaluate on
-    the held-out phantom test set (and optionally a real case), and write the model with its card."""
+                validation_cases=48, steps1_restart=0, steps2_restart=0, engine_head_phantoms=0,
+                engine_head_recipe=ENGINE_HEAD_RECIPE):
+    """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, choose the lesion rule
+    on validation phantoms, fit the classifier head on the engine's own lesions of ``engine_head_phantoms``
+    training phantoms (0: keep the head fitted on reference masks), evaluate on the held-out phantom test set
+    (and optionally a real case), and write the model with its card."""
     import shutil
     import tempfile
 
@@ -606,23 +680,39 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
         overrides = {k: tuning[k] for k in ("lesion_threshold", "fill_liver_holes", "min_lesion_confidence",
                                             "max_surface_fraction")}
         assemble_model(run_dir, staging / "m", {"version": version}, overrides)
-        metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(staging / "m", test_dir, device,
+        info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
+        tuned, head_ckpt = staging / "m", None
+        if engine_head_phantoms:
+            head_ckpt = run_dir / "classifier_engine.ckpt"
+            key = json.dumps({"classifier": info, "rule": overrides, "recipe": engine_head_recipe,
+                              "phantoms": engine_head_phantoms, "max_in_plane": test_max_in_plane}, sort_keys=True)
+            saved = torch.load(head_ckpt, weights_only=True) if head_ckpt.exists() else None
+            if saved is None or saved["key"] != key:  # resumes only the head of this very rule and recipe
+                head_state, head_info = fit_head_on_engine_lesions(
+                    tuned, engine_head_recipe, engine_head_phantoms, validation_dir, device, threads, log,
+                    max_in_plane=test_max_in_plane)
+                _save_checkpoint(head_ckpt, {"model": head_state, "info": json.dumps(head_info), "key": key})
+            else:
+                head_info = json.loads(saved["info"])
+            info = {**info, "engine_lesion_head": head_info, "temperature": head_info["temperature"]}
+            tuned = staging / "m_head"
+            assemble_model(run_dir, tuned, {"version": version}, overrides, head_ckpt)
+        metrics = {"phantom_test": _card_metrics(evaluate_model_or_predictions(tuned, test_dir, device,
                                                                                threads, log, precision="fp32")),
                    "candidate_filter_tuning": tuning}
         metrics["phantom_test"]["seeds"] = [TEST_SEED_BASE + s for s in test_seeds]
         if real_case:
-            metrics["real_case"] = _card_metrics(evaluate_model_or_predictions(staging / "m", real_case, device,
+            metrics["real_case"] = _card_metrics(evaluate_model_or_predictions(tuned, real_case, device,
                                                                                threads, log, precision="fp32"))
-        info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
-        return assemble_model(run_dir, model_out, config_overrides=overrides, card_extra={
-                                  "version": version, "metrics": metrics,
-                                                   "classifier": info, "hyperparameters": {
-                                                       "batch": 16, "lr": 2e-3, "optimizer": "AdamW",
-                                                       "loss": "Dice + inverse-lesion-size weighted CE",
-                                                       "steps": {"stage1": steps1, "stage1_restart": steps1_restart,
-                                                                 "stage2": steps2, "stage2_restart": steps2_restart},
-                                                       "restart_lr": RESTART_LR,
-                                                       "classifier_lesions": classifier_lesions}})
+        hyperparameters = {"batch": 16, "lr": 2e-3, "optimizer": "AdamW",
+                           "loss": "Dice + inverse-lesion-size weighted CE",
+                           "steps": {"stage1": steps1, "stage1_restart": steps1_restart, "stage2": steps2,
+                                     "stage2_restart": steps2_restart},
+                           "restart_lr": RESTART_LR, "classifier_lesions": classifier_lesions,
+                           "engine_head_phantoms": engine_head_phantoms, "engine_head_recipe": engine_head_recipe}
+        return assemble_model(run_dir, model_out, config_overrides=overrides, classifier_ckpt=head_ckpt,
+                              card_extra={"version": version, "metrics": metrics, "classifier": info,
+                                          "hyperparameters": hyperparameters})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -8,7 +8,7 @@ features through the model's own stage 2, and reports on two disjoint halves:
 - ``evaluation``: type accuracy, NLL and expected calibration error (10 bins) at the model's temperature
   and at the fitted one (accuracy does not depend on the temperature).
 
-    python benchmarks/classifier_calibration.py --model LiverLesionAI/Resources/Models/liverlesionai-v5.3 \\
+    python benchmarks/classifier_calibration.py --model LiverLesionAI/Resources/Models/liverlesionai-v5.5 \\
         --lesions 1000 --out benchmarks/results/classifier_calibration_v5.json
 """
 

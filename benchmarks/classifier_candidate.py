@@ -4,14 +4,22 @@ v5.3's lower lesion threshold (0.15) gives larger lesion masks than the referenc
 was fitted on (training.classifier_samples), and on the test phantoms cysts typed right fell from 3 of 5 to 1 of 7.
 v5.5 keeps v5.3's networks, lesion rule and filter, and fits the head on the engine's own lesions.
 
-    W=/tmp/v55 M=LiverLesionAI/Resources/Models/liverlesionai-v5.3
-    for w in 0 1; do python benchmarks/classifier_candidate.py collect train --worker $w --model $M \
+    # v5.3's folder left the tree when v5.5 shipped (same networks): take it from git
+    mkdir -p /tmp/v53m && git archive 5975d76 LiverLesionAI/Resources/Models/liverlesionai-v5.3 | tar -x -C /tmp/v53m
+    W=/tmp/v55 M=/tmp/v53m/LiverLesionAI/Resources/Models/liverlesionai-v5.3
+    for w in 0 1; do python benchmarks/classifier_candidate.py collect train --worker $w --model $M \\
         --out $W/train_$w.pt --minutes 45 & done; wait
     python benchmarks/classifier_candidate.py collect pool --model $M --cases /tmp/v53 --out $W/pool.pt &
     python benchmarks/classifier_candidate.py collect judge --model $M --cases /tmp/v53 --out $W/judge.pt; wait
     python benchmarks/classifier_candidate.py decide --model $M --work $W --out benchmarks/results/candidate_v5.5.json
-    # if adopted: the model folder, with its card's figures from `evaluate` on the test phantoms and the real case
-    python benchmarks/classifier_candidate.py build benchmarks/results/candidate_v5.5.json --model $M --work $W \\
+    # the addendum's second test (judge2: 96 fresh phantoms), then, if adopted, the model folder with its card's
+    # figures from `evaluate` on the test phantoms and the real case
+    for w in 0 1; do python benchmarks/classifier_candidate.py collect judge2 --worker $w --model $M --cases /tmp/v53 \\
+        --out $W/judge2_$w.pt & done; wait
+    python benchmarks/classifier_candidate.py rejudge benchmarks/results/candidate_v5.5.json --model $M --work $W \\
+        --out benchmarks/results/candidate_v5.5_rejudge.json
+    python benchmarks/classifier_candidate.py build benchmarks/results/candidate_v5.5.json \\
+        benchmarks/results/candidate_v5.5_rejudge.json --model $M --work $W \\
         --out LiverLesionAI/Resources/Models/liverlesionai-v5.5 --cases /tmp/v53 --real-case ../shared/data/ircadb-01/case_01
 """
 
@@ -221,15 +229,16 @@ def rejudge(model, work: Path, result_file: Path, out: Path):
     print(report["verdict"])
 
 
-def build(result_file: Path, parent_dir: Path, work: Path, model_out: Path, cases: Path, real_case: Path,
-          threads: int):
+def build(result_file: Path, rejudge_file: Path, parent_dir: Path, work: Path, model_out: Path, cases: Path,
+          real_case: Path, threads: int):
     """The adopted head in a model folder (the parent's networks and rule), with the card's figures from
     ``evaluate`` (float32) on the test phantoms (seeds 0-19, 384 matrix) and the real case."""
     from liverlesionai.model_io import load_model
 
     report = json.loads(result_file.read_text())
-    if not report.get("verdict", {}).get("adopted"):
-        raise SystemExit(f"{result_file}: the candidate was not adopted")
+    second = json.loads(rejudge_file.read_text())
+    if not second.get("verdict", {}).get("adopted"):
+        raise SystemExit(f"{rejudge_file}: the candidate was not adopted")
     if model_out.exists():
         raise SystemExit(f"{model_out} exists: not overwriting a model")
     state, card = load_model(parent_dir)
@@ -244,15 +253,20 @@ def build(result_file: Path, parent_dir: Path, work: Path, model_out: Path, case
                        "refit": f"{report['chosen']} on {samples['lesions']} engine lesions of {samples['phantoms']} "
                                 f"training phantoms (seed ranges {samples['seeds']}), "
                                 f"temperature fitted on the 48 pool phantoms' lesions",
-                       "calibration": None},
+                       "calibration": None, "validation_accuracy": None,
+                       "engine_lesion_type_accuracy": {
+                           "pool_73": report["pool"][report["chosen"]]["type_accuracy"],
+                           "judge_30": report["judge"][report["chosen"]]["type_accuracy"],
+                           "fresh_judge_157": second["judge"]["fresh"][report["chosen"]]["type_accuracy"]}},
         "training_history": f"{Path(parent_dir).name} ({card['version']}) with its lesion classifier head re-fitted on "
                             f"the engine's own lesion masks ({report['chosen']}; benchmarks/classifier_candidate.py, "
                             f"results/candidate_v5.5.json); stage 1, stage 2, lesion rule and filter unchanged. "
                             f"{Path(parent_dir).name}'s history: " + card.get("training_history", ""),
-        "adoption": {"rule": report["declaration"], "result": report["verdict"], "previous": card.get("adoption")},
+        "adoption": {"rule": second["declaration"], "first_result": report["verdict"], "result": second["verdict"],
+                     "previous": card.get("adoption")},
     })
     save_evaluated_model(model_out, state, new_card, cases, real_case, threads,
-                         {"judge_validation_24": report["judge"]})
+                         {"judge_validation_24": report["judge"], "judge_fresh_96_and_pooled": second["judge"]})
 
 
 def main(argv=None):
@@ -277,7 +291,8 @@ def main(argv=None):
     r.add_argument("--work", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
     b = sub.add_parser("build", help="the adopted model folder")
-    b.add_argument("result", type=Path)
+    b.add_argument("result", type=Path, help="the first verdict's results JSON")
+    b.add_argument("rejudge", type=Path, help="the second verdict's results JSON")
     b.add_argument("--model", type=Path, required=True)
     b.add_argument("--work", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
@@ -294,7 +309,7 @@ def main(argv=None):
     elif a.command == "rejudge":
         rejudge(a.model, a.work, a.result, a.out)
     else:
-        build(a.result, a.model, a.work, a.out, a.cases, a.real_case, a.threads)
+        build(a.result, a.rejudge, a.model, a.work, a.out, a.cases, a.real_case, a.threads)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Each fine-tuning epoch is measured with the lesion candidate filter re-tuned for
 a pass without a filter and then ran the engine again with it, alternating the two ``--repeats`` times on the
 same guard phantoms, and checks that both choose the same filter and give the same metrics.
 
-    python benchmarks/finetune_validation.py --model LiverLesionAI/Resources/Models/liverlesionai-v5.3 \\
+    python benchmarks/finetune_validation.py --model LiverLesionAI/Resources/Models/liverlesionai-v5.5 \\
         --guard 4 --max-in-plane 256 --threads 1 --out benchmarks/results/finetune_validation.json
 """
 

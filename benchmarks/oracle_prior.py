@@ -8,7 +8,7 @@ normal cascade and lists, per reference lesion, whether each run found it and ho
 surface (does stage 1 cost the lesions at the liver's edge, or inside it too?).
 
     liverlesionai phantoms VAL --seeds 500000-500023 --max-in-plane 384
-    python benchmarks/oracle_prior.py --model LiverLesionAI/Resources/Models/liverlesionai-v5.3 --cases VAL \\
+    python benchmarks/oracle_prior.py --model LiverLesionAI/Resources/Models/liverlesionai-v5.5 --cases VAL \\
         --per-lesion --out benchmarks/results/oracle_prior_v5.2_validation.json
 """
 

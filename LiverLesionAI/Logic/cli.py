@@ -314,7 +314,8 @@ def cmd_train(args):
     build_model(args.run_dir, args.model_out, steps1=args.steps1, steps1_restart=args.steps1_restart,
                 steps2=args.steps2, steps2_restart=args.steps2_restart, classifier_lesions=args.classifier_lesions,
                 device=args.device, threads=args.threads, test_seeds=_seed_range(args.test_seeds),
-                real_case=args.real_case, version=args.version, test_max_in_plane=args.test_max_in_plane)
+                real_case=args.real_case, version=args.version, test_max_in_plane=args.test_max_in_plane,
+                engine_head_phantoms=args.engine_head_phantoms)
     return 0
 
 
@@ -385,6 +386,10 @@ def build_parser():
     t.add_argument("--steps2-restart", type=int, default=1500,
                    help="steps of stage 2's warm restart (second learning-rate cycle on new phantoms; 0: none)")
     t.add_argument("--classifier-lesions", type=int, default=3000)
+    t.add_argument("--engine-head-phantoms", type=int, default=230,
+                   help="fit the classifier head again on the engine's own lesions of this many fresh training "
+                        "phantoms once the lesion rule is chosen, as for v5.5 (0: keep the head fitted on reference "
+                        "masks)")
     t.add_argument("--test-seeds", default="0-19", help="held-out phantom seeds for the model card metrics")
     t.add_argument("--test-max-in-plane", type=int, default=384, help="matrix cap of the phantom test cases")
     t.add_argument("--real-case", default=None, help="optional real case folder evaluated for the card")

@@ -402,7 +402,7 @@ def engine_lesion_samples(engine, cases, log=print):
 # a head fitted from scratch
 ENGINE_HEAD_RECIPES = ("refit_20", "refit_20_blend_0.5", "refit_60", "refit_60_blend_0.5", "refit_150",
                        "refit_150_blend_0.5", "scratch")
-ENGINE_HEAD_RECIPE = "refit_60"  # PENDING: v5.5's choice
+ENGINE_HEAD_RECIPE = "refit_60"  # v5.5's, chosen on the pool (benchmarks/results/candidate_v5.5.json)
 
 
 def engine_lesion_head(recipe: str, parent: LesionClassifierHead, cfg: CascadeConfig, features, labels):

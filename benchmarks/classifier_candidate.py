@@ -84,15 +84,14 @@ def _engine(model, threads):
 
 
 def _fresh_phantoms(deadline: float, seeds: list, worker: int):
-    from liverlesionai.phantom import generate_phantom_ct
+    from liverlesionai.training import fresh_phantom_cases
 
-    seed = TRAIN_SEED_BASE_V55 + 10_000 * worker
-    while time.time() < deadline:
-        ct, truth = generate_phantom_ct(seed, max_in_plane=MAX_IN_PLANE)
+    base = TRAIN_SEED_BASE_V55 + 10_000 * worker
+    for seed, case in enumerate(fresh_phantom_cases(base, 10_000, MAX_IN_PLANE), start=base):
         seeds.append(seed)
-        yield f"phantom_{seed}", ct, {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
-                                      "lesion_types": truth.lesion_types}
-        seed += 1
+        yield case
+        if time.time() >= deadline:  # checked before the next phantom is generated
+            return
 
 
 def collect(which: str, model, out: Path, cases: Path | None, minutes: float, threads: int, worker: int = 0):

@@ -372,7 +372,7 @@ class LiverLesionEngine:
             return {}
         with torch.inference_mode():
             vectors = torch.stack(list(features.values())).to(self.device)
-            probs = (self.classifier.logits(vectors) / self.classifier.temperature).softmax(1).cpu().numpy()
+            probs = self.classifier([vectors]).softmax(1).cpu().numpy()  # the views, already concatenated
         return {lesion_id: {t: float(v) for t, v in zip(LESION_TYPES, p)} for lesion_id, p in zip(features, probs)}
 
     def classify_lesion(self, ct: CTVolume, lesion_mask: np.ndarray) -> dict[str, float]:

@@ -308,15 +308,9 @@ def validation_metrics(engine, cases, guard=()) -> dict:
 
 def guard_phantoms(n, max_in_plane):
     """Original-domain phantoms (validation seeds, never trained on) with their truth."""
-    from .phantom import generate_phantom_ct
-    from .training import VALIDATION_SEED_BASE
+    from .training import VALIDATION_SEED_BASE, fresh_phantom_cases
 
-    cases = []
-    for seed in range(VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + n):
-        ct, truth = generate_phantom_ct(seed, max_in_plane=max_in_plane)
-        cases.append((f"phantom_{seed}", ct, {"liver_mask": truth.liver_mask, "lesion_instances":
-                                              truth.lesion_instances, "lesion_types": truth.lesion_types}))
-    return cases
+    return list(fresh_phantom_cases(VALIDATION_SEED_BASE, n, max_in_plane))
 
 
 GUARDED_METRICS = ("lesion_dice", "detection_f1")  # neither may fall on the original-domain guard

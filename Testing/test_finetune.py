@@ -18,19 +18,21 @@ import pytest
 import torch
 
 from liverlesionai import cli
+from liverlesionai.errors import InputError
 from liverlesionai.export import load_dataset, manifest_sha256
 from liverlesionai.finetune import (
     FinetuneCancelled, FinetuneSettings, PreparedCase, case_batch, export_phantom_case, exported_tissue, finetune,
-    prepare_case, split_cases,
+    local_cuda_index, prepare_case, split_cases,
 )
-from liverlesionai.model_io import save_model
+from liverlesionai.model_io import load_model, save_model
 from liverlesionai.networks import CascadeConfig, LesionClassifierHead, UNet2p5D, UNetConfig
+from liverlesionai.records import LESION_TYPES
 from liverlesionai.registry import ModelRegistry
 
 torch.set_num_threads(1)
 TINY = (4, 8, 16, 32)
 FAST = dict(epochs_frozen=1, epochs_unfrozen=1, steps_per_epoch=2, batch=2, crop=32, replay_fraction=0.0,
-            classifier_epochs=2, classifier_views_per_lesion=1, classifier_replay_lesions=0, guard_cases=1,
+            classifier_epochs=2, classifier_engine_passes=1, classifier_replay=False, guard_cases=1,
             guard_max_in_plane=64, classifier_guard_lesions=6)
 FAST_CLI = ["--epochs", "2", "--steps-per-epoch", "2", "--batch", "2", "--crop", "32", "--no-replay",
             "--threads", "1", "--guard-cases", "0", "--guard-lesions", "0"]
@@ -145,16 +147,12 @@ def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
     assert {"lesion_dice", "liver_dice"} <= set(val["parent"]) and set(val["parent"]) == set(val["new"])
     # the original-domain guard is measured for both and compared like the other metrics
     assert {"original_domain_lesion_dice", "original_domain_liver_dice"} <= set(val["new"])
-    # so is the re-fitted classifier, on the same original-domain lesions as the parent
-    guard = card["classifier_guard"]
-    assert guard["lesions"] == 6 and guard["kept"] in ("refit", "blend", "parent")
-    assert set(guard["by_refit_weight"]) == {"1.0", "0.75", "0.5", "0.25", "0.0"}
-    assert all(0 <= a <= 1 for a in guard["by_refit_weight"].values())
-    assert guard["kept_head"] == guard["by_refit_weight"][str(guard["refit_weight"])]
-    if guard["kept_head"] < guard["parent_model"] - 0.02:  # no blend kept the original domain: the best one
-        assert guard["kept_head"] == max(guard["by_refit_weight"].values())
-    assert val["parent"]["original_domain_classifier_accuracy"] == guard["parent_model"]
-    assert val["new"]["original_domain_classifier_accuracy"] == guard["kept_head"]
+    # the tiny model finds no liver, so no lesion to re-fit or guard the classifier on: the parent's head
+    # stays, and the search for guard lesions gives up after 3 empty phantoms (the shipped model's re-fit:
+    # test_finetune_refits_the_classifier_on_engine_lesions)
+    assert card["classifier_guard"] == {"lesions": 0, "parent_lesions": 0, "phantoms": 3, "masks": "engine",
+                                        "refit_weight": 0.0, "kept": "parent"}
+    assert "original_domain_classifier_accuracy" not in val["new"]
     # the selection compared every epoch with the parent under a filter re-tuned the same way
     assert set(val["parent_with_retuned_filter"]) == set(val["parent"]) - {"original_domain_classifier_accuracy"}
     assert all("candidate_filter" in h for h in card["finetune_history"])
@@ -337,6 +335,12 @@ def test_blended_heads_lie_between_parent_and_refit():
         assert not torch.allclose(half.logits(features), refit.logits(features))
 
 
+def test_torchrun_with_more_processes_than_gpus_is_a_clear_error():
+    assert [local_cuda_index(r, 2) for r in (0, 1)] == [0, 1]
+    with pytest.raises(InputError, match=r"more processes on this machine than it has GPUs \(1\).*--nproc_per_node=1"):
+        local_cuda_index(1, 1)
+
+
 def test_stage2_blend_is_the_most_adapted_one_that_passes():
     from liverlesionai.finetune import STAGE2_BLEND_WEIGHTS, blend_states, first_passing_blend
 
@@ -366,15 +370,60 @@ def test_stage2_blend_is_the_most_adapted_one_that_passes():
     assert tried == list(STAGE2_BLEND_WEIGHTS)
 
 
-def test_guard_lesions_are_the_same_on_every_call():
-    from liverlesionai.finetune import guard_lesion_features, head_accuracy
+def test_classifier_samples_are_the_lesions_the_engine_finds(shipped_model_dir, tmp_path):
+    """The head is re-fitted and guarded on the engine's own lesions: the same ones on every call, the
+    guard's parent run on exactly the same phantoms, the exported cases' lesions with their reviewed types."""
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.finetune import engine_phantom_lesions, exported_lesion_samples, head_accuracy
+    from liverlesionai.training import engine_lesion_samples, fresh_phantom_cases
 
-    cfg = CascadeConfig(UNetConfig(5, 2, TINY), UNetConfig(4, 5, TINY), classifier_patch=32)
-    torch.manual_seed(0)
-    net, head = UNet2p5D(cfg.stage2).eval(), LesionClassifierHead(cfg)
-    (f1, l1), (f2, l2) = (guard_lesion_features(net, cfg, 4, "cpu") for _ in range(2))
-    assert torch.equal(l1, l2) and torch.allclose(f1, f2)
-    assert head_accuracy(head, f1, l1) == head_accuracy(head, f2, l2)
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", threads=1, precision="fp32")
+    calls = []
+    variants = (lambda: calls.append("new"), lambda: calls.append("parent"))  # the same networks here
+    [(f1, l1), (f2, l2)], used = engine_phantom_lesions(engine, 600_003, 2, 128, variants)
+    assert len(l1) == 2 and used == 1  # this phantom has 2 lesions the engine matches (a cyst, a metastasis)
+    assert calls == ["new", "parent"]  # one phantom, generated once, segmented once per variant
+    assert torch.equal(l1, l2) and torch.allclose(f1, f2)  # same engine: same lesions on every call
+    # what the engine itself types them as, through the head it carries
+    _, _, lesions, _ = engine_lesion_samples(engine, fresh_phantom_cases(600_003, used, 128), log=lambda m: None)
+    engine_right = np.mean([les["pred_type"] == LESION_TYPES[int(t)] for les, t in zip(lesions, l1)])
+    assert head_accuracy(engine.classifier.cpu(), f1, l1) == pytest.approx(engine_right)
+    assert np.isnan(head_accuracy(engine.classifier, f1[:0], l1[:0]))
+
+    dataset = tmp_path / "dataset"
+    export_phantom_case(dataset, 600_003, max_in_plane=128)  # the phantom above, exported as reviewed
+    f, labels = exported_lesion_samples(engine, load_dataset(dataset), passes=2, rng=np.random.default_rng(0))
+    n = len(l1)  # first pass: the exported CT as it is, so the same lesions; then the one with noise added
+    assert torch.equal(labels[:n], l1) and torch.allclose(f[:n], f1, atol=1e-4) and len(labels) > n
+
+
+def test_finetune_refits_the_classifier_on_engine_lesions(shipped_model_dir, tmp_path):
+    """With a model that finds lesions (the shipped one), the head is re-fitted on the lesions the engine
+    finds in the exported cases and kept only as the guard on the engine's original-domain lesions allows."""
+    dataset = tmp_path / "dataset"
+    for seed in (600_003, 600_002):  # 2 and 4 lesions the shipped engine finds at this matrix
+        export_phantom_case(dataset, seed, max_in_plane=128)
+    registry = ModelRegistry(tmp_path / "registry", shipped_dir=shipped_model_dir)
+    settings = FinetuneSettings(epochs_frozen=1, epochs_unfrozen=0, steps_per_epoch=1, batch=2, crop=32,
+                                replay_fraction=0.0, classifier_epochs=20, classifier_engine_passes=1,
+                                guard_cases=1, guard_max_in_plane=128, classifier_guard_lesions=4)
+    logged = []
+    version = finetune(dataset, registry, None, settings, "cpu", log=logged.append)
+    card = json.loads((registry.model_dir(version) / "model_card.json").read_text())
+    samples = [int(m.split()[1]) for m in logged if m.startswith("classifier:")]
+    assert samples and samples[0] >= 1  # the training case's lesions, as the engine segments them
+    guard = card["classifier_guard"]
+    assert guard["masks"] == "engine" and guard["lesions"] >= 4 and guard["phantoms"] >= 1
+    if card["hyperparameters"]["best_epoch"] == 0:  # stage 2 unchanged: the parent found the same lesions
+        assert guard["parent_lesions"] == guard["lesions"] and guard["parent_head"] == guard["parent_model"]
+    assert guard["kept_head"] == guard["by_refit_weight"][str(guard["refit_weight"])]
+    within = [w for w, a in guard["by_refit_weight"].items() if float(w) > 0 and a >= guard["parent_model"] - 0.02]
+    assert guard["refit_weight"] == (max(map(float, within)) if within else guard["refit_weight"])
+    assert card["validation"]["new"]["original_domain_classifier_accuracy"] == guard["kept_head"]
+    shipped_head = {k: v for k, v in load_model(shipped_model_dir)[0].items() if k.startswith("classifier.")}
+    new_head = {k: v for k, v in load_model(registry.model_dir(version))[0].items() if k.startswith("classifier.")}
+    changed = any(not torch.equal(shipped_head[k], new_head[k]) for k in shipped_head)
+    assert changed == (guard["refit_weight"] > 0)
 
 
 def test_distillation_pulls_towards_the_teacher():

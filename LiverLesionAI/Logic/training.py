@@ -423,10 +423,10 @@ def engine_lesion_head(recipe: str, parent: LesionClassifierHead, cfg: CascadeCo
     return blend_heads(parent, refit, 0.5) if recipe.endswith("_blend_0.5") else refit
 
 
-def fresh_phantom_cases(seed_base, count, max_in_plane=None):
+def fresh_phantom_cases(seed_base, count, max_in_plane=None, domain=None):
     """(case id, CTVolume, truth) of ``count`` phantoms generated in memory, seeds ``seed_base`` upwards."""
     for seed in range(seed_base, seed_base + count):
-        ct, truth = ph.generate_phantom_ct(seed, max_in_plane=max_in_plane)
+        ct, truth = ph.generate_phantom_ct(seed, max_in_plane=max_in_plane, domain=domain)
         yield f"phantom_{seed}", ct, {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
                                       "lesion_types": truth.lesion_types}
 

@@ -388,10 +388,10 @@ def exported_lesion_samples(engine, cases, passes, rng):
     """Classifier inputs and reviewed types of the lesions ``engine`` finds in the exported cases
     (training.engine_lesion_samples: the masks the head types in use); passes after the first add
     acquisition noise to the CT, so each lesion is seen as the engine segments it under a few noise levels."""
-    features, labels = [], []
+    loaded, features, labels = _loaded(cases), [], []  # read from disk once for all passes
     for n in range(passes):
         triples = []
-        for case_id, ct, truth in _loaded(cases):
+        for case_id, ct, truth in loaded:
             if n:
                 noisy = ct.voxels.astype(np.float32) + rng.normal(0, rng.uniform(4, 12), ct.voxels.shape)
                 ct = replace(ct, voxels=noisy.astype(np.float32))
@@ -757,7 +757,6 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                                                         settings.classifier_guard_lesions,
                                                         settings.guard_max_in_plane, variants)
             (guard_features, guard_labels), parent_samples = found[0], found[-1]
-            set_up_new()
             classifier_guard = {"lesions": len(guard_labels), "parent_lesions": len(parent_samples[1]),
                                 "phantoms": guard_count, "masks": "engine"}
             if len(guard_labels) and len(parent_samples[1]):

@@ -452,39 +452,45 @@ def test_distillation_pulls_towards_the_teacher():
 def test_candidate_filter_choice_on_known_evidence():
     from liverlesionai.training import choose_candidate_filter
 
-    # true lesions: confident and inside the organ; false ones: unsure, or a confident shell on the surface
-    confidence = np.array([0.9, 0.85, 0.8, 0.55, 0.6, 0.9])
-    surface = np.array([0.1, 0.2, 0.3, 0.1, 0.0, 0.95])
-    is_tp = np.array([True, True, True, False, False, False])
-    tuning = choose_candidate_filter((confidence, surface, is_tp, 1), log=lambda m: None)
+    # true lesions: confident, inside the organ, wrapped in it; false ones: unsure, a confident shell on
+    # the surface, or a confident blob facing outside the organ over most of its boundary (the gallbladder)
+    evidence = {"confidence": np.array([0.9, 0.85, 0.8, 0.55, 0.6, 0.9, 0.9]),
+                "surface_fraction": np.array([0.1, 0.2, 0.3, 0.1, 0.0, 0.95, 0.2]),
+                "exposed_fraction": np.array([0.0, 0.55, 0.1, 0.0, 0.0, 0.5, 0.65])}  # 2nd: bulges the surface
+    is_tp = np.array([True, True, True, False, False, False, False])
+    tuning = choose_candidate_filter((evidence, is_tp, 1), log=lambda m: None)
     # every threshold between the classes gives the same F1; the most permissive one is chosen
-    assert (tuning["min_lesion_confidence"], tuning["max_surface_fraction"]) == (0.65, 0.9)
+    assert (tuning["min_lesion_confidence"], tuning["max_surface_fraction"], tuning["max_exposed_fraction"]) == \
+        (0.65, 0.9, 0.6)
     assert tuning["validation_f1"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))
-    assert tuning["validation_f1_unfiltered"] == pytest.approx(2 * 3 / (2 * 3 + 3 + 1))
+    assert tuning["validation_f1_unfiltered"] == pytest.approx(2 * 3 / (2 * 3 + 4 + 1))
+    # without the exposed blob, exposure is left open
+    without = choose_candidate_filter(({k: v[:6] for k, v in evidence.items()}, is_tp[:6], 1), log=lambda m: None)
+    assert without["max_exposed_fraction"] == 1.0
 
 
 def test_retuned_validation_chooses_and_measures_on_one_network_pass(shipped_model_dir):
     from liverlesionai.engine import LiverLesionEngine
-    from liverlesionai.finetune import FILTER_KEYS, guard_phantoms, retuned_validation_metrics, validation_metrics
+    from liverlesionai.finetune import guard_phantoms, retuned_validation_metrics, validation_metrics
+    from liverlesionai.networks import FILTER_OFF
     from liverlesionai.training import candidate_evidence, choose_candidate_filter
 
     engine = LiverLesionEngine(shipped_model_dir, device="cpu", threads=1, precision="fp32")
     guard = guard_phantoms(3, 160)
-    shipped = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+    shipped = engine.config.candidate_filter
     metrics, tuning = retuned_validation_metrics(engine, [], guard, log=lambda m: None)
     assert tuning["candidates"] > 0
     assert 0.0 <= tuning["validation_f1_unfiltered"] <= tuning["validation_f1"] <= 1.0
-    assert all(getattr(engine.config, key) == tuning[key] for key in FILTER_KEYS)
+    assert engine.config.candidate_filter == {key: tuning[key] for key in FILTER_OFF}
     assert metrics["original_domain_detection_f1"] == pytest.approx(tuning["validation_f1"])
 
     # the same choice as tuning on a separate pass made without a filter
-    _set = lambda values: [setattr(engine.config, key, v) for key, v in zip(FILTER_KEYS, values)]
-    _set((0.0, 1.0))
+    engine.config.set_candidate_filter(FILTER_OFF)
     separate = choose_candidate_filter(candidate_evidence(engine, guard), log=lambda m: None)
-    assert {key: separate[key] for key in FILTER_KEYS} == {key: tuning[key] for key in FILTER_KEYS}
+    assert {key: separate[key] for key in FILTER_OFF} == {key: tuning[key] for key in FILTER_OFF}
     # and what the engine reports under the chosen filter (up to voxels where a dropped candidate touched
     # a kept one)
-    _set((tuning[key] for key in FILTER_KEYS))
+    engine.config.set_candidate_filter(tuning)
     engine_metrics = validation_metrics(engine, [], guard)
     assert set(engine_metrics) == set(metrics)
     for key in ("original_domain_detection_f1", "original_domain_type_accuracy"):
@@ -494,6 +500,6 @@ def test_retuned_validation_chooses_and_measures_on_one_network_pass(shipped_mod
     assert tuning["validation_f1"] > tuning["validation_f1_unfiltered"]  # candidates were dropped
 
     # nothing to tune on (no candidate): the thresholds stay as they were
-    _set(shipped.values())
+    engine.config.set_candidate_filter(shipped)
     assert retuned_validation_metrics(engine, [], [], log=lambda m: None)[1] is None
-    assert {key: getattr(engine.config, key) for key in FILTER_KEYS} == shipped
+    assert engine.config.candidate_filter == shipped

@@ -9,7 +9,7 @@ import torch
 from liverlesionai import training as T
 from liverlesionai.engine import LiverLesionEngine
 from liverlesionai.model_io import load_model
-from liverlesionai.networks import CascadeConfig
+from liverlesionai.networks import EVIDENCE_KEYS, FILTER_OFF, CascadeConfig
 from liverlesionai.phantom import generate_phantom_ct
 
 
@@ -199,7 +199,7 @@ def test_tuning_chooses_the_lesion_rule_with_the_filter(tmp_path, shipped_model_
         write_phantom_case(tmp_path / "val" / f"phantom_{seed}", seed, max_in_plane=160)
     untuned = tmp_path / "untuned"
     state, card = load_model(shipped_model_dir)
-    architecture = {**card["architecture"], "min_lesion_confidence": 0.0, "max_surface_fraction": 1.0}
+    architecture = {**card["architecture"], **FILTER_OFF}
     save_model(untuned, state, {"name": "untuned", "architecture": architecture})
 
     logs = []
@@ -221,28 +221,29 @@ def test_tuning_chooses_the_lesion_rule_with_the_filter(tmp_path, shipped_model_
 
 def test_lesion_thresholds_sharing_one_network_pass_see_what_separate_runs_see(shipped_model_dir):
     engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
-    shipped = (engine.config.lesion_threshold, engine.config.min_lesion_confidence, engine.config.max_surface_fraction)
-    assert shipped[1:] != (0.0, 1.0)  # the shipped filter is on: the evidence must still hold every candidate
+    shipped = (engine.config.lesion_threshold, engine.config.candidate_filter)
+    assert shipped[1] != FILTER_OFF  # the shipped filter is on: the evidence must still hold every candidate
     ct, truth = generate_phantom_ct(500_003, max_in_plane=160)
     cases = [("phantom_500003", ct, {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
                                      "lesion_types": truth.lesion_types})]
     shared = T.candidate_evidence_by_threshold(engine, cases, (None, 0.2))
-    assert (engine.config.lesion_threshold, engine.config.min_lesion_confidence,
-            engine.config.max_surface_fraction) == shipped  # left as they were
+    assert (engine.config.lesion_threshold, engine.config.candidate_filter) == shipped  # left as they were
     for threshold in (None, 0.2):
         engine.config.lesion_threshold = threshold
         alone = T.candidate_evidence(engine, cases)
-        for shared_part, alone_part in zip(shared[threshold][:3], alone[:3]):
-            np.testing.assert_array_equal(shared_part, alone_part)
-        assert shared[threshold][3] == alone[3]
+        assert set(shared[threshold][0]) == set(alone[0]) == set(EVIDENCE_KEYS)
+        for key in EVIDENCE_KEYS:
+            np.testing.assert_array_equal(shared[threshold][0][key], alone[0][key])
+        np.testing.assert_array_equal(shared[threshold][1], alone[1])
+        assert shared[threshold][2] == alone[2]
     # the two rules do differ on this phantom, so sharing the pass could not hide a mix-up
-    assert len(shared[None][0]) != len(shared[0.2][0]) or shared[None][3] != shared[0.2][3]
+    assert len(shared[None][1]) != len(shared[0.2][1]) or shared[None][2] != shared[0.2][2]
     # every candidate: as many as an engine without a filter reports, more than the shipped filter keeps
-    engine.config.lesion_threshold, engine.config.min_lesion_confidence, engine.config.max_surface_fraction = \
-        0.2, 0.0, 1.0
-    assert len(shared[0.2][0]) == len(engine.segment(ct).lesions)
-    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = shipped[1:]
-    assert len(shared[0.2][0]) > len(engine.segment(ct).lesions)
+    engine.config.lesion_threshold = 0.2
+    engine.config.set_candidate_filter(FILTER_OFF)
+    assert len(shared[0.2][1]) == len(engine.segment(ct).lesions)
+    engine.config.set_candidate_filter(shipped[1])
+    assert len(shared[0.2][1]) > len(engine.segment(ct).lesions)
     # segment is exactly the network pass followed by the lesion rule
     result = engine.segment(ct)
     split = engine.lesions_from(engine.run_networks(ct))
@@ -259,7 +260,7 @@ def test_engine_lesion_samples_are_the_inputs_that_typed_the_engines_matched_les
     from liverlesionai.records import LESION_TYPES
 
     engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
-    engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0  # every candidate
+    engine.config.set_candidate_filter(FILTER_OFF)  # every candidate
     ct, truth = generate_phantom_ct(500_003, max_in_plane=160)
     reference = {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
                  "lesion_types": truth.lesion_types}
@@ -316,7 +317,7 @@ def test_head_fitted_on_engine_lesions_of_fresh_phantoms(tmp_path, shipped_model
 
     write_phantom_case(tmp_path / "cal" / "phantom_500003", 500_003, max_in_plane=160)
     engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
-    own_filter = (engine.config.min_lesion_confidence, engine.config.max_surface_fraction)
+    own_filter = engine.config.candidate_filter
     logs = []
     state, info = T.fit_head_on_engine_lesions(shipped_model_dir, "refit_20", 2, tmp_path / "cal", device="cpu",
                                                log=logs.append, max_in_plane=160)
@@ -328,5 +329,5 @@ def test_head_fitted_on_engine_lesions_of_fresh_phantoms(tmp_path, shipped_model
     assert not torch.equal(head.mlp[0].weight, engine.classifier.mlp[0].weight)  # re-fitted
     assert set(info["calibration_accuracy"]) == {"parent_head", "head"}
     again = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")  # the model folder is untouched
-    assert (again.config.min_lesion_confidence, again.config.max_surface_fraction) == own_filter
+    assert again.config.candidate_filter == own_filter
     torch.testing.assert_close(again.classifier.mlp[0].weight, engine.classifier.mlp[0].weight)

@@ -95,6 +95,7 @@ def _fresh_phantoms(deadline: float, seeds: list, worker: int):
 
 
 def collect(which: str, model, out: Path, cases: Path | None, minutes: float, threads: int, worker: int = 0):
+    from liverlesionai.networks import FILTER_OFF
     from liverlesionai.training import engine_lesion_samples
 
     if out.exists():
@@ -103,7 +104,7 @@ def collect(which: str, model, out: Path, cases: Path | None, minutes: float, th
     seeds = []
     started = time.time()
     if which == "train":
-        engine.config.min_lesion_confidence, engine.config.max_surface_fraction = 0.0, 1.0
+        engine.config.set_candidate_filter(FILTER_OFF)
         source = _fresh_phantoms(started + 60 * minutes, seeds, worker)
     elif which == "judge2":
         seeds = list(JUDGE2_SEEDS[worker::2])

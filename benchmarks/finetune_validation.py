@@ -29,22 +29,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from liverlesionai.engine import LiverLesionEngine
-    from liverlesionai.finetune import (
-        FILTER_KEYS, _set_filter, guard_phantoms, retuned_validation_metrics, validation_metrics)
+    from liverlesionai.finetune import guard_phantoms, retuned_validation_metrics, validation_metrics
+    from liverlesionai.networks import FILTER_OFF
     from liverlesionai.training import candidate_evidence, choose_candidate_filter
 
     engine = LiverLesionEngine(args.model, device="cpu", threads=args.threads, precision="fp32")
     guard = guard_phantoms(args.guard, args.max_in_plane)
-    parent_filter = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+    parent_filter = engine.config.candidate_filter
 
     def two_passes():
-        _set_filter(engine, {"min_lesion_confidence": 0.0, "max_surface_fraction": 1.0})
+        engine.config.set_candidate_filter(FILTER_OFF)
         tuning = choose_candidate_filter(candidate_evidence(engine, guard), log=lambda m: None)
-        _set_filter(engine, tuning)
+        engine.config.set_candidate_filter(tuning)
         return validation_metrics(engine, [], guard), tuning
 
     def one_pass():
-        _set_filter(engine, parent_filter)
+        engine.config.set_candidate_filter(parent_filter)
         return retuned_validation_metrics(engine, [], guard)
 
     runs = {"two_passes": [], "one_pass": []}
@@ -53,7 +53,7 @@ def main(argv=None):
             started = time.perf_counter()
             metrics, tuning = validate()
             runs[name].append({"seconds": round(time.perf_counter() - started, 2), "metrics": metrics,
-                               "filter": {key: tuning[key] for key in FILTER_KEYS}})
+                               "filter": {key: tuning[key] for key in FILTER_OFF}})
             print(name, json.dumps(runs[name][-1]), flush=True)
     medians = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     result = {"model": args.model, "guard_phantoms": args.guard, "max_in_plane": args.max_in_plane,

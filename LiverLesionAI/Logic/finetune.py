@@ -52,7 +52,7 @@ from .evaluation import aggregate, evaluate_case
 from .geometry import canonicalize, grid_bounds, resample_separable
 from .lesions import label_lesions
 from .model_io import load_model
-from .networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D
+from .networks import FILTER_OFF, STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D
 from .preprocessing import VIEWS, canonical_grid, normalize_hu, to_view
 from .records import LESION_TYPES
 from .training import (
@@ -337,40 +337,32 @@ def _selection_score(metrics, parent_metrics=None, max_guard_drop=0.02, min_gain
     return score
 
 
-FILTER_KEYS = ("min_lesion_confidence", "max_surface_fraction")
-
-
 def retuned_validation_metrics(engine, val_cases, guard, log=lambda m: None) -> tuple[dict, dict | None]:
     """``validation_metrics`` under lesion candidate thresholds re-tuned for the engine's current networks:
     chosen for detection F1 on the held-out exported cases and the guard phantoms together, set on the engine
     and returned with the metrics. One network pass per case serves both the choice and the measurement.
     Without any candidate there is nothing to tune on: the thresholds stay and the tuning is None."""
-    current = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+    current = engine.config.candidate_filter
     val = _loaded(val_cases)
-    _set_filter(engine, {"min_lesion_confidence": 0.0, "max_surface_fraction": 1.0})  # every candidate
+    engine.config.set_candidate_filter(FILTER_OFF)  # every candidate
     try:
         runs = [(case_id, ct.ijk_to_ras, truth, engine.segment(ct)) for case_id, ct, truth in val + list(guard)]
     finally:
-        _set_filter(engine, current)
+        engine.config.set_candidate_filter(current)
     unfiltered = [evaluate_case(result.as_prediction(), truth, ras, case_id=case_id)
                   for case_id, ras, truth, result in runs]
     tuning = choose_candidate_filter(evidence_of([(run[3].lesion_evidence, metrics)
                                                   for run, metrics in zip(runs, unfiltered)]), log)
     if tuning["candidates"] == 0:
         tuning = None
-    _set_filter(engine, tuning or current)
-    chosen = {key: getattr(engine.config, key) for key in FILTER_KEYS}
-    results = [evaluate_case(filtered_prediction(result, **chosen), truth, ras, case_id=case_id)
+    engine.config.set_candidate_filter(tuning or current)
+    chosen = engine.config.candidate_filter
+    results = [evaluate_case(filtered_prediction(result, chosen), truth, ras, case_id=case_id)
                for case_id, ras, truth, result in runs]
     metrics = _summary(results[:len(val)])
     if guard:
         metrics.update({GUARD_PREFIX + k: v for k, v in _summary(results[len(val):]).items()})
     return metrics, tuning
-
-
-def _set_filter(engine, values: dict):
-    for key in FILTER_KEYS:
-        setattr(engine.config, key, values[key])
 
 
 def _engine_with(engine, stage2_state, head_state):
@@ -592,7 +584,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
     def tuned_validation(eng):
         """Validation metrics with the candidate filter re-tuned for ``eng``'s networks (when enabled;
         the parent's filter stays where there is nothing to tune on)."""
-        _set_filter(eng, parent_filter)
+        eng.config.set_candidate_filter(parent_filter)
         if settings.retune_candidate_filter:
             return retuned_validation_metrics(eng, val_cases, guard)
         return validation_metrics(eng, val_cases, guard), None
@@ -605,7 +597,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         guard = guard_phantoms(settings.guard_cases, settings.guard_max_in_plane)
         parent_metrics = validation_metrics(engine, val_cases, guard)  # the parent as it runs
         log(f"parent {parent_version} validation: {parent_metrics}")
-        parent_filter = {key: getattr(engine.config, key) for key in FILTER_KEYS}
+        parent_filter = engine.config.candidate_filter
         # every epoch is measured with a candidate filter re-tuned for it, so the parent is too: the
         # parent's own filter was tuned on the guard phantoms for its calibration, and any change of
         # stage 2 would otherwise read as lost detections (README, fine-tuning evidence)
@@ -687,7 +679,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                 val_dice = metrics.get("lesion_dice", 0.0)
                 score = _selection_score(metrics, selection_baseline, settings.max_guard_drop, settings.min_heldout_gain)
                 history.append({"epoch": epoch, "phase": phase, "loss": loss_sum / settings.steps_per_epoch,
-                                **metrics, "candidate_filter": tuning and {k: tuning[k] for k in FILTER_KEYS}})
+                                **metrics, "candidate_filter": tuning and {k: tuning[k] for k in FILTER_OFF}})
                 log(f"epoch {epoch} phase {phase}: loss {loss_sum / settings.steps_per_epoch:.4f} val {metrics}")
             val_dice, score = _broadcast_float(val_dice, world, device), _broadcast_float(score, world, device)
             _set_phase(net, phase, settings.unfreeze_from_stage, settings.freeze_norm_statistics)
@@ -712,7 +704,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                    eta_s=validation_seconds * (blends + 2))
             metrics, tuning = tuned_validation(_engine_with(engine, blended, head.state_dict()))
             history.append({"epoch": top_epoch, "phase": "blend", "stage2_weight": weight, **metrics,
-                            "candidate_filter": tuning and {k: tuning[k] for k in FILTER_KEYS}})
+                            "candidate_filter": tuning and {k: tuning[k] for k in FILTER_OFF}})
             log(f"stage 2 at {weight} of epoch {top_epoch}: val {metrics}")
             return _selection_score(metrics, selection_baseline, settings.max_guard_drop, settings.min_heldout_gain), tuning
 
@@ -729,15 +721,15 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         report(0.87, "Re-fitting the lesion classifier on the lesions the model finds", "classifier")
         # the filter depends on stage 2 only (mean lesion probability, surface fraction), not on the head
         candidate_filter = best_filter if best_epoch > 0 else None
-        new_filter = {k: candidate_filter[k] for k in FILTER_KEYS} if candidate_filter else parent_filter
+        new_filter = {k: candidate_filter[k] for k in FILTER_OFF} if candidate_filter else parent_filter
 
         def set_up_new():
             _engine_with(engine, net.state_dict(), head.state_dict())
-            _set_filter(engine, new_filter)
+            engine.config.set_candidate_filter(new_filter)
 
         def set_up_parent():
             _engine_with(engine, parent_stage2, head.state_dict())
-            _set_filter(engine, parent_filter)
+            engine.config.set_candidate_filter(parent_filter)
 
         set_up_new()
         feats, labels = exported_lesion_samples(engine, train_cases, settings.classifier_engine_passes, rng)
@@ -777,7 +769,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             log(f"classifier guard: {classifier_guard}")
             check_cancel()
         new_engine = _engine_with(engine, net.state_dict(), new_head.state_dict())
-        _set_filter(new_engine, new_filter)
+        new_engine.config.set_candidate_filter(new_filter)
         report(0.92, "Measuring the new model on the validation cases", "validate")
         new_metrics = validation_metrics(new_engine, val_cases, guard)
         if classifier_guard and "kept_head" in classifier_guard:  # compared and warned on like the other metrics
@@ -789,7 +781,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         new_state.update({f"classifier.{k}": v.detach().cpu() for k, v in new_head.state_dict().items()})
         new_card = {k: v for k, v in card.items() if k in ("name", "architecture", "generator_version", "seeds")}
         if candidate_filter:
-            new_card["architecture"] = {**card["architecture"], **{k: candidate_filter[k] for k in FILTER_KEYS}}
+            new_card["architecture"] = {**card["architecture"], **{k: candidate_filter[k] for k in FILTER_OFF}}
         new_card.update({
             "dataset_manifest_sha256": manifest_sha,
             "hyperparameters": {**settings.to_dict(), "device": str(device), "world_size": world,

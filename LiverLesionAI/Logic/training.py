@@ -7,6 +7,7 @@ Every stage checkpoints to its run folder and resumes from there.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,7 +21,8 @@ from scipy import ndimage
 
 from . import phantom as ph
 from .descriptors import lesion_view_descriptors
-from .networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D
+from .networks import (EVIDENCE_KEYS, FILTER_OFF, STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D,
+                       passes_candidate_filter)
 from .preprocessing import VIEWS, normalize_hu, to_view
 from .records import LESION_TYPES
 
@@ -441,13 +443,13 @@ def fit_head_on_engine_lesions(model_dir, recipe, phantoms, calibration_dir, dev
 
     engine = LiverLesionEngine(model_dir, device=device, threads=threads, precision=precision)
     cfg = engine.config
-    own_filter = (cfg.min_lesion_confidence, cfg.max_surface_fraction)
-    cfg.min_lesion_confidence, cfg.max_surface_fraction = 0.0, 1.0
+    own_filter = cfg.candidate_filter
+    cfg.set_candidate_filter(FILTER_OFF)
     try:
         features, labels, _, _ = engine_lesion_samples(
             engine, fresh_phantom_cases(ENGINE_LESION_SEED_BASE, phantoms, max_in_plane), log)
     finally:
-        cfg.min_lesion_confidence, cfg.max_surface_fraction = own_filter
+        cfg.set_candidate_filter(own_filter)
     if len(labels) == 0:
         raise ValueError(f"the engine matched no lesion on {phantoms} training phantoms: no head to fit")
     calibration = ((c.case_id, c.load_image(), c.load_truth()) for c in find_cases(calibration_dir))
@@ -677,8 +679,7 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
         assemble_model(run_dir, staging / "untuned", {"version": version})
         # float32 throughout: the card's figures must not depend on the CPU's bfloat16 support
         tuning = tune_candidate_filter(staging / "untuned", validation_dir, device, threads, log, precision="fp32")
-        overrides = {k: tuning[k] for k in ("lesion_threshold", "fill_liver_holes", "min_lesion_confidence",
-                                            "max_surface_fraction")}
+        overrides = {k: tuning[k] for k in ("lesion_threshold", "fill_liver_holes", *FILTER_OFF)}
         assemble_model(run_dir, staging / "m", {"version": version}, overrides)
         info = json.loads(torch.load(run_dir / "classifier.ckpt", weights_only=True)["info"])
         tuned, head_ckpt = staging / "m", None
@@ -724,8 +725,8 @@ def _card_metrics(summary):
 
 
 def candidate_evidence(engine, cases):
-    """Every lesion candidate's (confidence, surface fraction, true positive?) on (case id, CTVolume,
-    truth) triples, plus the count of missed reference lesions. The engine's candidate filter is off meanwhile
+    """Every lesion candidate's evidence (engine._lesion_candidates) and whether it is a true positive, on
+    (case id, CTVolume, truth) triples, plus the count of missed reference lesions. The engine's candidate filter is off meanwhile
     (a filter is chosen on every candidate) and left as it was."""
     threshold = engine.config.lesion_threshold
     return candidate_evidence_by_threshold(engine, cases, [threshold])[threshold]
@@ -739,8 +740,8 @@ def candidate_evidence_by_threshold(engine, cases, lesion_thresholds):
     from .records import SegmentationResult
 
     cfg = engine.config
-    current = (cfg.lesion_threshold, cfg.min_lesion_confidence, cfg.max_surface_fraction)
-    cfg.min_lesion_confidence, cfg.max_surface_fraction = 0.0, 1.0  # every candidate
+    current_threshold, current_filter = cfg.lesion_threshold, cfg.candidate_filter
+    cfg.set_candidate_filter(FILTER_OFF)  # every candidate
     found = {t: [] for t in lesion_thresholds}  # (lesion evidence, evaluate_case metrics) per case
     try:
         for case_id, ct, truth in cases:
@@ -752,31 +753,32 @@ def candidate_evidence_by_threshold(engine, cases, lesion_thresholds):
                 metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id)
                 found[threshold].append((result.lesion_evidence, metrics))
     finally:
-        cfg.lesion_threshold, cfg.min_lesion_confidence, cfg.max_surface_fraction = current
+        cfg.lesion_threshold = current_threshold
+        cfg.set_candidate_filter(current_filter)
     return {t: evidence_of(runs) for t, runs in found.items()}
 
 
 def evidence_of(runs):
     """``candidate_evidence`` from (lesion evidence of a result made without a candidate filter, its
-    ``evaluate_case`` metrics) pairs."""
-    confidence, surface, is_tp, missed = [], [], [], 0
+    ``evaluate_case`` metrics) pairs: ({evidence key: array over candidates}, true positive?, missed)."""
+    evidence, is_tp, missed = {key: [] for key in EVIDENCE_KEYS}, [], 0
     for lesion_evidence, metrics in runs:
         matched = {m["pred_id"] for m in metrics["matches"]}
         missed += metrics["detection"]["fn"]
-        for lesion_id, evidence in lesion_evidence.items():
-            confidence.append(evidence["confidence"])
-            surface.append(evidence["surface_fraction"])
+        for lesion_id, values in lesion_evidence.items():
+            for key in EVIDENCE_KEYS:
+                evidence[key].append(values[key])
             is_tp.append(lesion_id in matched)
-    return np.array(confidence), np.array(surface), np.array(is_tp, bool), missed
+    return {key: np.array(v, float) for key, v in evidence.items()}, np.array(is_tp, bool), missed
 
 
-def filtered_prediction(result, min_lesion_confidence, max_surface_fraction) -> dict:
-    """``result.as_prediction()`` keeping only the candidates that pass the filter; ``result`` was made
-    without one. Dropped candidates become liver, as in the engine, which differs from this at most where a
-    dropped candidate touched a kept one. One network pass thus serves both choosing a filter and measuring it."""
+def filtered_prediction(result, thresholds: dict) -> dict:
+    """``result.as_prediction()`` keeping only the candidates that pass the filter ``thresholds``; ``result``
+    was made without one. Dropped candidates become liver, as in the engine, which differs from this at most
+    where a dropped candidate touched a kept one. One network pass thus serves both choosing a filter and
+    measuring it."""
     prediction = result.as_prediction()
-    dropped = [i for i, e in result.lesion_evidence.items()
-               if not (e["confidence"] >= min_lesion_confidence and e["surface_fraction"] <= max_surface_fraction)]
+    dropped = [i for i, e in result.lesion_evidence.items() if not passes_candidate_filter(e, thresholds)]
     if not dropped:
         return prediction
     gone = np.isin(prediction["lesion_instances"], dropped)
@@ -785,23 +787,34 @@ def filtered_prediction(result, min_lesion_confidence, max_surface_fraction) -> 
             "lesion_types": {i: t for i, t in prediction["lesion_types"].items() if i not in dropped}}
 
 
-def choose_candidate_filter(evidence, log=print):
-    """The lesion candidate thresholds (confidence, surface fraction) that maximise detection F1 on
-    the candidates of ``candidate_evidence``; ties go to the most permissive."""
-    confidence, surface, is_tp, missed = evidence
+# the thresholds choose_candidate_filter tries, each grid's most permissive value first
+FILTER_GRID = {"min_lesion_confidence": tuple(round(c, 2) for c in np.arange(0.0, 0.96, 0.05)),
+               "max_surface_fraction": tuple(round(m, 2) for m in np.arange(1.0, 0.19, -0.1)),
+               "max_exposed_fraction": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)}
 
-    def f1(min_conf, max_surface):
-        passing = (confidence >= min_conf) & (surface <= max_surface)
+
+def choose_candidate_filter(evidence, log=print):
+    """The lesion candidate filter thresholds (FILTER_GRID) that maximise detection F1 on the candidates of
+    ``candidate_evidence``; ties go to the most permissive (confidence first, then surface, then exposure)."""
+    values, is_tp, missed = evidence
+
+    def f1(thresholds):
+        passing = ((values["confidence"] >= thresholds["min_lesion_confidence"])
+                   & (values["surface_fraction"] <= thresholds["max_surface_fraction"])
+                   & (values["exposed_fraction"] <= thresholds["max_exposed_fraction"]))
         tp, fp = int((passing & is_tp).sum()), int((passing & ~is_tp).sum())
         fn = missed + int(is_tp.sum()) - tp
         return 2 * tp / max(2 * tp + fp + fn, 1)
 
-    candidates = [(round(c, 2), round(m, 2)) for c in np.arange(0.0, 0.96, 0.05) for m in np.arange(1.0, 0.19, -0.1)]
-    best = max(candidates, key=lambda cm: (round(f1(*cm), 4), -cm[0], cm[1]))
-    log(f"[filter] validation detection F1 {f1(0.0, 1.0):.3f} -> {f1(*best):.3f} with min confidence {best[0]}, "
-        f"max surface fraction {best[1]} ({len(is_tp)} candidates)")
-    return {"min_lesion_confidence": float(best[0]), "max_surface_fraction": float(best[1]),
-            "validation_f1_unfiltered": f1(0.0, 1.0), "validation_f1": f1(*best), "candidates": int(len(is_tp))}
+    keys = list(FILTER_GRID)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*FILTER_GRID.values())]
+    scores = [round(f1(t), 4) for t in grid]
+    best = grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]  # the grid runs strictest last
+    log(f"[filter] validation detection F1 {f1(FILTER_OFF):.3f} -> {f1(best):.3f} with min confidence "
+        f"{best['min_lesion_confidence']}, max surface fraction {best['max_surface_fraction']}, max exposed "
+        f"fraction {best['max_exposed_fraction']} ({len(is_tp)} candidates)")
+    return {**{k: float(v) for k, v in best.items()}, "validation_f1_unfiltered": f1(FILTER_OFF),
+            "validation_f1": f1(best), "candidates": int(len(is_tp))}
 
 
 # lesion thresholds on the summed type probabilities that build_model tries, strictest first (None: the

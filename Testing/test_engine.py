@@ -7,7 +7,6 @@ import pytest
 
 from liverlesionai.engine import LiverLesionEngine
 from liverlesionai.errors import InputError
-from liverlesionai.networks import FILTER_OFF
 from liverlesionai.phantom import generate_phantom_ct
 from liverlesionai.records import LESION_TYPES, CTVolume
 
@@ -135,8 +134,7 @@ def test_bfloat16_and_float32_agree_on_real_ct(shipped_model_dir):
             if not (other.lesion_instances[result.lesion_instances == record.lesion_id] > 0).any():
                 evidence = result.lesion_evidence[record.lesion_id]
                 assert (abs(evidence["confidence"] - cfg.min_lesion_confidence) < 0.02
-                        or abs(evidence["surface_fraction"] - cfg.max_surface_fraction) < 0.1
-                        or abs(evidence["exposed_fraction"] - cfg.max_exposed_fraction) < 0.1), evidence
+                        or abs(evidence["surface_fraction"] - cfg.max_surface_fraction) < 0.1), evidence
     with pytest.raises(ValueError, match="precision"):
         LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp16")
 
@@ -266,34 +264,3 @@ def test_cards_without_stage2_views_run_axial_and_unknown_views_are_refused(tmp_
     with pytest.raises(ModelFileError, match="oblique"):
         LiverLesionEngine(tmp_path / "m", device="cpu")
 
-
-def test_exposed_fraction_is_the_share_of_a_lesions_boundary_outside_the_organ():
-    from liverlesionai.engine import _exposed_fractions
-
-    organ = np.zeros((30, 30, 60), bool)
-    organ[5:25, 5:25, 5:40] = True
-    instances = np.zeros(organ.shape, np.uint16)
-    instances[10:15, 10:15, 10:15] = 1  # wrapped in the organ
-    instances[10:15, 10:15, 30:45] = 2  # the organ ends at x = 40: a third of it sticks out
-    organ[10:15, 10:15, 30:45] = True  # stage 2 joins a lesion to the organ it found
-    instances[10:15, 10:15, 50:55] = 3  # apart from the organ (the engine never keeps such a one)
-    exposed = _exposed_fractions(instances, 3, organ)
-    assert exposed[1] == 0.0 and exposed[3] == 1.0
-    # 6-neighbour shell of a 5x5x15 box: 2 * (5*5 + 5*15 + 5*15) = 350 voxels; outside x >= 40: the end face
-    # (25) and 5 of the 15 columns on each of the four long sides (4 * 5 * 5 = 100)
-    assert exposed[2] == pytest.approx(125 / 350)
-    assert _exposed_fractions(np.zeros_like(instances), 0, organ).tolist() == [0.0]
-
-
-def test_candidates_facing_outside_the_organ_are_dropped_by_the_filter(shipped_model_dir, phantom_ct):
-    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
-    engine.config.set_candidate_filter(FILTER_OFF)
-    outputs = engine.run_networks(phantom_ct[0])
-    every = engine.lesions_from(outputs, classify=False)
-    exposed = {i: e["exposed_fraction"] for i, e in every.lesion_evidence.items()}
-    assert all(0.0 <= v <= 1.0 for v in exposed.values()) and len(exposed) >= 2
-    limit = float(np.median(list(exposed.values())))
-    engine.config.max_exposed_fraction = limit
-    kept = engine.lesions_from(outputs, classify=False)
-    assert len(kept.lesions) == sum(v <= limit for v in exposed.values()) < len(exposed)
-    assert all(e["exposed_fraction"] <= limit for e in kept.lesion_evidence.values())

@@ -452,21 +452,15 @@ def test_distillation_pulls_towards_the_teacher():
 def test_candidate_filter_choice_on_known_evidence():
     from liverlesionai.training import choose_candidate_filter
 
-    # true lesions: confident, inside the organ, wrapped in it; false ones: unsure, a confident shell on
-    # the surface, or a confident blob facing outside the organ over most of its boundary (the gallbladder)
-    evidence = {"confidence": np.array([0.9, 0.85, 0.8, 0.55, 0.6, 0.9, 0.9]),
-                "surface_fraction": np.array([0.1, 0.2, 0.3, 0.1, 0.0, 0.95, 0.2]),
-                "exposed_fraction": np.array([0.0, 0.55, 0.1, 0.0, 0.0, 0.5, 0.65])}  # 2nd: bulges the surface
-    is_tp = np.array([True, True, True, False, False, False, False])
+    # true lesions: confident and inside the organ; false ones: unsure, or a confident shell on the surface
+    evidence = {"confidence": np.array([0.9, 0.85, 0.8, 0.55, 0.6, 0.9]),
+                "surface_fraction": np.array([0.1, 0.2, 0.3, 0.1, 0.0, 0.95])}
+    is_tp = np.array([True, True, True, False, False, False])
     tuning = choose_candidate_filter((evidence, is_tp, 1), log=lambda m: None)
     # every threshold between the classes gives the same F1; the most permissive one is chosen
-    assert (tuning["min_lesion_confidence"], tuning["max_surface_fraction"], tuning["max_exposed_fraction"]) == \
-        (0.65, 0.9, 0.6)
+    assert (tuning["min_lesion_confidence"], tuning["max_surface_fraction"]) == (0.65, 0.9)
     assert tuning["validation_f1"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))
-    assert tuning["validation_f1_unfiltered"] == pytest.approx(2 * 3 / (2 * 3 + 4 + 1))
-    # without the exposed blob, exposure is left open
-    without = choose_candidate_filter(({k: v[:6] for k, v in evidence.items()}, is_tp[:6], 1), log=lambda m: None)
-    assert without["max_exposed_fraction"] == 1.0
+    assert tuning["validation_f1_unfiltered"] == pytest.approx(2 * 3 / (2 * 3 + 3 + 1))
 
 
 def test_retuned_validation_chooses_and_measures_on_one_network_pass(shipped_model_dir):

@@ -427,10 +427,9 @@ def _raise_fake_oom():
 def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
     """Lesion components worth reporting, with the evidence for each.
 
-    Drops specks below the reportable size, components the network is unsure of, thin shells
-    hugging the organ's outer surface (partial-volume edges against fat, not lesions), and components
-    whose boundary faces outside the organ over a large share (a neighbouring organ joined to the liver).
-    Thresholds come from the model card (tuned on validation phantoms).
+    Drops specks below the reportable size, components the network is unsure of, and thin shells
+    hugging the organ's outer surface (partial-volume edges against fat, not lesions). Thresholds
+    come from the model card (tuned on validation phantoms).
     """
     spacing = np.asarray(cfg.stage2_spacing)
     ids = np.arange(n + 1)
@@ -438,26 +437,9 @@ def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
     confidence = np.bincount(instances2.ravel(), weights=lesion_prob2.ravel(), minlength=n + 1) / sizes
     depth = ndimage.distance_transform_edt(organ, sampling=spacing[::-1])
     surface = np.bincount(instances2[depth <= EDGE_BAND_MM], minlength=n + 1) / sizes
-    exposed = _exposed_fractions(instances2, n, organ)
-    evidence = {int(i): {"confidence": float(confidence[i]), "surface_fraction": float(surface[i]),
-                         "exposed_fraction": float(exposed[i])} for i in ids[1:]}
+    evidence = {int(i): {"confidence": float(confidence[i]), "surface_fraction": float(surface[i])} for i in ids[1:]}
     keep = [i for i in ids[1:] if sizes[i] >= MIN_LESION_MM3 / np.prod(spacing) and cfg.passes(evidence[int(i)])]
     return np.array(keep, int), {int(i): evidence[int(i)] for i in keep}
-
-
-def _exposed_fractions(instances, n, organ):
-    """Per component, the share of the voxels just outside it (6-neighbours) that lie outside the organ.
-    A liver lesion is wrapped in parenchyma; the gallbladder or a stomach wall that stage 2 took for a
-    lesion and joined to the liver faces fat or bowel over much of its boundary."""
-    box = ndimage.find_objects((instances > 0).astype(np.uint8))
-    if not box:
-        return np.zeros(n + 1)
-    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box[0])
-    inside, organ = instances[box], organ[box]
-    owner = ndimage.grey_dilation(inside, footprint=ndimage.generate_binary_structure(3, 1))
-    shell = (inside == 0) & (owner > 0)
-    outside = np.bincount(owner[shell & ~organ], minlength=n + 1)
-    return outside / np.maximum(np.bincount(owner[shell], minlength=n + 1), 1)
 
 
 def _renumber_by_volume(instances, per_lesion, min_voxels):

@@ -20,15 +20,14 @@ from .preprocessing import VIEWS as SLAB_VIEWS
 CLASSIFIER_FEATURES = ("descriptors", "encoder")
 # what the engine measures of each lesion candidate, and the filter's thresholds on it, each at the value
 # that lets every candidate through
-EVIDENCE_KEYS = ("confidence", "surface_fraction", "exposed_fraction")
-FILTER_OFF = {"min_lesion_confidence": 0.0, "max_surface_fraction": 1.0, "max_exposed_fraction": 1.0}
+EVIDENCE_KEYS = ("confidence", "surface_fraction")
+FILTER_OFF = {"min_lesion_confidence": 0.0, "max_surface_fraction": 1.0}
 
 
 def passes_candidate_filter(evidence: dict, thresholds: dict) -> bool:
     """Whether a lesion candidate's evidence (engine._lesion_candidates) passes the filter ``thresholds``."""
     return (evidence["confidence"] >= thresholds["min_lesion_confidence"]
-            and evidence["surface_fraction"] <= thresholds["max_surface_fraction"]
-            and evidence["exposed_fraction"] <= thresholds["max_exposed_fraction"])
+            and evidence["surface_fraction"] <= thresholds["max_surface_fraction"])
 
 
 @dataclass
@@ -63,8 +62,6 @@ class CascadeConfig:
     # lesion candidate filter, tuned on validation phantoms when the model is built
     min_lesion_confidence: float = 0.0
     max_surface_fraction: float = 1.0
-    # at most this share of a lesion's boundary may face outside the organ (1.0: off, models up to v5.5)
-    max_exposed_fraction: float = 1.0
     # a voxel is lesion when the summed lesion-type probability reaches this; None: the per-pixel argmax
     # (models up to v5.1). Stage 2's lesion probability stays under 0.5 over much of a lesion (v5.1's argmax
     # covers a median 21% of each validation lesion it touches), so build_model tunes it on validation.
@@ -85,7 +82,6 @@ class CascadeConfig:
                 "stage1_spacing": list(self.stage1_spacing), "stage2_spacing": list(self.stage2_spacing),
                 "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch,
                 "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction,
-                "max_exposed_fraction": self.max_exposed_fraction,
                 "lesion_threshold": self.lesion_threshold, "fill_liver_holes": self.fill_liver_holes,
                 "classifier_features": self.classifier_features, "stage2_views": list(self.stage2_views)}
 
@@ -97,7 +93,6 @@ class CascadeConfig:
                    hu_window=tuple(d["hu_window"]), classifier_patch=int(d["classifier_patch"]),
                    min_lesion_confidence=float(d.get("min_lesion_confidence", 0.0)),
                    max_surface_fraction=float(d.get("max_surface_fraction", 1.0)),
-                   max_exposed_fraction=float(d.get("max_exposed_fraction", 1.0)),
                    lesion_threshold=None if d.get("lesion_threshold") is None else float(d["lesion_threshold"]),
                    fill_liver_holes=bool(d.get("fill_liver_holes", False)),
                    classifier_features=d.get("classifier_features", "encoder"),

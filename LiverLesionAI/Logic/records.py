@@ -100,8 +100,7 @@ class SegmentationResult:
     liver_volume_ml: float = 0.0  # whole organ: parenchyma + lesions
     messages: list[str] = field(default_factory=list)  # e.g. "No liver found."
     model_version: str = ""
-    # lesion id -> {"confidence": mean lesion probability, "surface_fraction": share near the liver surface,
-    # "exposed_fraction": share of its boundary facing outside the liver}
+    # lesion id -> {"confidence": mean lesion probability, "surface_fraction": share near the liver surface}
     lesion_evidence: dict[int, dict[str, float]] = field(default_factory=dict)
     # lesion id -> the classifier head's input (engine.lesions_from(..., keep_features=True) only)
     lesion_features: dict[int, object] = field(default_factory=dict)

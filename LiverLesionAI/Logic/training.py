@@ -789,19 +789,17 @@ def filtered_prediction(result, thresholds: dict) -> dict:
 
 # the thresholds choose_candidate_filter tries, each grid's most permissive value first
 FILTER_GRID = {"min_lesion_confidence": tuple(round(c, 2) for c in np.arange(0.0, 0.96, 0.05)),
-               "max_surface_fraction": tuple(round(m, 2) for m in np.arange(1.0, 0.19, -0.1)),
-               "max_exposed_fraction": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)}
+               "max_surface_fraction": tuple(round(m, 2) for m in np.arange(1.0, 0.19, -0.1))}
 
 
 def choose_candidate_filter(evidence, log=print):
     """The lesion candidate filter thresholds (FILTER_GRID) that maximise detection F1 on the candidates of
-    ``candidate_evidence``; ties go to the most permissive (confidence first, then surface, then exposure)."""
+    ``candidate_evidence``; ties go to the most permissive (confidence first, then surface)."""
     values, is_tp, missed = evidence
 
     def f1(thresholds):
         passing = ((values["confidence"] >= thresholds["min_lesion_confidence"])
-                   & (values["surface_fraction"] <= thresholds["max_surface_fraction"])
-                   & (values["exposed_fraction"] <= thresholds["max_exposed_fraction"]))
+                   & (values["surface_fraction"] <= thresholds["max_surface_fraction"]))
         tp, fp = int((passing & is_tp).sum()), int((passing & ~is_tp).sum())
         fn = missed + int(is_tp.sum()) - tp
         return 2 * tp / max(2 * tp + fp + fn, 1)
@@ -811,8 +809,7 @@ def choose_candidate_filter(evidence, log=print):
     scores = [round(f1(t), 4) for t in grid]
     best = grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]  # the grid runs strictest last
     log(f"[filter] validation detection F1 {f1(FILTER_OFF):.3f} -> {f1(best):.3f} with min confidence "
-        f"{best['min_lesion_confidence']}, max surface fraction {best['max_surface_fraction']}, max exposed "
-        f"fraction {best['max_exposed_fraction']} ({len(is_tp)} candidates)")
+        f"{best['min_lesion_confidence']}, max surface fraction {best['max_surface_fraction']} ({len(is_tp)} candidates)")
     return {**{k: float(v) for k, v in best.items()}, "validation_f1_unfiltered": f1(FILTER_OFF),
             "validation_f1": f1(best), "candidates": int(len(is_tp))}
 

@@ -264,3 +264,27 @@ def test_cards_without_stage2_views_run_axial_and_unknown_views_are_refused(tmp_
     with pytest.raises(ModelFileError, match="oblique"):
         LiverLesionEngine(tmp_path / "m", device="cpu")
 
+
+
+def test_liver_holes_filled_in_3d_only_keep_the_gallbladder_out(shipped_model_dir):
+    """Test phantom 7 (the demo's): with its holes filled per axial slice too, stage 1's liver takes in the
+    gallbladder, enclosed by liver in those slices, and stage 2 reports it as a lesion; filling only the 3D
+    cavities leaves it out and keeps every true lesion found."""
+    from liverlesionai.evaluation import evaluate_case
+    from liverlesionai.networks import CascadeConfig
+
+    assert CascadeConfig.from_dict({k: v for k, v in CascadeConfig().to_dict().items()
+                                    if k != "fill_holes_in_slices"}).fill_holes_in_slices  # older cards
+    assert not CascadeConfig.from_dict(CascadeConfig(fill_holes_in_slices=False).to_dict()).fill_holes_in_slices
+    ct, truth = generate_phantom_ct(7, max_in_plane=384)
+    reference = {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
+                 "lesion_types": truth.lesion_types}
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    assert engine.config.fill_liver_holes and engine.config.fill_holes_in_slices
+    metrics = {}
+    for in_slices in (True, False):
+        engine.config.fill_holes_in_slices = in_slices
+        metrics[in_slices] = evaluate_case(engine.segment(ct).as_prediction(), reference, ct.ijk_to_ras)
+    assert metrics[True]["detection"]["fp"] == 1 and metrics[False]["detection"]["fp"] == 0
+    assert metrics[False]["detection"]["tp"] == metrics[True]["detection"]["tp"] == 7
+    assert metrics[False]["liver_dice"] > metrics[True]["liver_dice"] + 0.003

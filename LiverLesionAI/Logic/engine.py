@@ -236,7 +236,8 @@ class LiverLesionEngine:
             liver_prob1 = np.clip(resample_separable(prior, canon.grid, g1, 1, cval=0.0), 0.0, 1.0)
         liver1 = largest_component(liver_prob1 > 0.5)
         if cfg.fill_liver_holes and liver_prior is None:
-            holes = fill_holes_per_slice(liver1) & ~liver1
+            filled = fill_holes_per_slice(liver1) if cfg.fill_holes_in_slices else ndimage.binary_fill_holes(liver1)
+            holes = filled & ~liver1
             liver_prob1[holes], liver1 = 1.0, liver1 | holes
         liver1_ml = liver1.sum() * np.prod(g1.spacing) / 1000
         if liver1_ml < MIN_LIVER_ML or liver1_ml > MAX_LIVER_ML:

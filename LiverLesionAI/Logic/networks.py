@@ -69,6 +69,9 @@ class CascadeConfig:
     # stage 1 sometimes leaves a dark lesion out of its liver; where that leaves a hole (in 3D or in an axial
     # slice) it is filled, so stage 2 looks there (False: models up to v5.1)
     fill_liver_holes: bool = False
+    # also the holes of each axial slice (open in 3D at the organ's top or bottom); False: 3D cavities only,
+    # which keeps the gallbladder, enclosed by liver in axial slices, out of the liver stage 2 searches
+    fill_holes_in_slices: bool = True
     # what the lesion classifier sees per view: "descriptors" (intensity/shape descriptors, v5 on) or
     # "encoder" (pooled stage-2 encoder features, models up to v4); both add the pixel type probabilities
     classifier_features: str = "descriptors"
@@ -83,6 +86,7 @@ class CascadeConfig:
                 "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch,
                 "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction,
                 "lesion_threshold": self.lesion_threshold, "fill_liver_holes": self.fill_liver_holes,
+                "fill_holes_in_slices": self.fill_holes_in_slices,
                 "classifier_features": self.classifier_features, "stage2_views": list(self.stage2_views)}
 
     @classmethod
@@ -95,6 +99,7 @@ class CascadeConfig:
                    max_surface_fraction=float(d.get("max_surface_fraction", 1.0)),
                    lesion_threshold=None if d.get("lesion_threshold") is None else float(d["lesion_threshold"]),
                    fill_liver_holes=bool(d.get("fill_liver_holes", False)),
+                   fill_holes_in_slices=bool(d.get("fill_holes_in_slices", True)),
                    classifier_features=d.get("classifier_features", "encoder"),
                    stage2_views=tuple(d.get("stage2_views", ("axial",))))
 

@@ -438,9 +438,10 @@ def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
     confidence = np.bincount(instances2.ravel(), weights=lesion_prob2.ravel(), minlength=n + 1) / sizes
     depth = ndimage.distance_transform_edt(organ, sampling=spacing[::-1])
     surface = np.bincount(instances2[depth <= EDGE_BAND_MM], minlength=n + 1) / sizes
-    evidence = {int(i): {"confidence": float(confidence[i]), "surface_fraction": float(surface[i])} for i in ids[1:]}
-    keep = [i for i in ids[1:] if sizes[i] >= MIN_LESION_MM3 / np.prod(spacing) and cfg.passes(evidence[int(i)])]
-    return np.array(keep, int), {int(i): evidence[int(i)] for i in keep}
+    reportable = ids[(ids > 0) & (sizes >= MIN_LESION_MM3 / np.prod(spacing))]  # specks get no evidence
+    evidence = {int(i): {"confidence": float(confidence[i]), "surface_fraction": float(surface[i])} for i in reportable}
+    keep = np.array([i for i in reportable if cfg.passes(evidence[int(i)])], int)
+    return keep, {int(i): evidence[int(i)] for i in keep}
 
 
 def _renumber_by_volume(instances, per_lesion, min_voxels):

@@ -183,16 +183,18 @@ def choose_rule(engine, pool_dir: Path, thresholds, log) -> tuple[dict, dict]:
         {str(t): tuning for t, tuning in by_threshold.items()}
 
 
-def judge(engine, judge_dir, rules: dict, classify_all: bool = False) -> dict:
+def judge(engine, judge_dir, rules: dict, classify_all: bool = False, heads: dict | None = None) -> dict:
     """{name: aggregate} of each rule on the judge phantoms, one network pass per case and stage-2 views; each
     rule's lesions are the engine's under that rule (``classify_all``, v5.3's run: every candidate classified,
-    then the filter applied with ``training.filtered_prediction``; same types, 2-3x slower). ``judge_dir`` may
-    also be {set name: folder}: then {set name: {name: aggregate}} for each set and for all of them "pooled"."""
+    then the filter applied with ``training.filtered_prediction``; same types, 2-3x slower), typed by
+    ``heads``[name] where given, else the engine's own head. ``judge_dir`` may also be {set name: folder}: then
+    {set name: {name: aggregate}} for each set and for all of them "pooled"."""
     if isinstance(judge_dir, dict):
-        per_set = {key: _judge_cases(engine, folder, rules, classify_all, per_case=True) for key, folder in judge_dir.items()}
+        per_set = {key: _judge_cases(engine, folder, rules, classify_all, per_case=True, heads=heads)
+                   for key, folder in judge_dir.items()}
         pooled = {name: [case for cases in per_set.values() for case in cases[name]] for name in rules}
         return {key: _summaries(cases) for key, cases in {**per_set, "pooled": pooled}.items()}
-    return _judge_cases(engine, judge_dir, rules, classify_all)
+    return _judge_cases(engine, judge_dir, rules, classify_all, heads=heads)
 
 
 def _summaries(results: dict) -> dict:
@@ -206,30 +208,46 @@ def _summaries(results: dict) -> dict:
     return summaries
 
 
-def _judge_cases(engine, judge_dir: Path, rules: dict, classify_all: bool = False, per_case: bool = False):
+def apply_rule(config, rule: dict) -> tuple:
+    """Set a rule (RULE_KEYS; pass keys missing from it as before v5.7) on an engine's config. -> its pass key:
+    what the network outputs depend on."""
+    from liverlesionai.networks import FILTER_OFF
+
+    passes = tuple(tuple(rule[key]) if key == "stage2_views" else rule.get(key, FILLED_BEFORE_V5_7.get(key))
+                   for key in PASS_KEYS)
+    for key, value in zip(PASS_KEYS, passes):
+        setattr(config, key, value)
+    config.lesion_threshold = rule["lesion_threshold"]
+    config.set_candidate_filter({key: rule[key] for key in FILTER_OFF})
+    return passes
+
+
+def _judge_cases(engine, judge_dir: Path, rules: dict, classify_all: bool = False, per_case: bool = False,
+                 heads: dict | None = None):
     from liverlesionai.evaluation import evaluate_case
     from liverlesionai.networks import FILTER_OFF
     from liverlesionai.records import SegmentationResult
     from liverlesionai.training import filtered_prediction
 
     results = {name: [] for name in rules}
+    default_head = engine.classifier
     for case_id, ct, truth in triples(judge_dir):
         outputs = {}
         for name, rule in rules.items():
-            passes = tuple(rule[key] if key in rule else FILLED_BEFORE_V5_7[key] for key in PASS_KEYS)
-            for key, value in zip(PASS_KEYS, passes):
-                setattr(engine.config, key, value)
+            passes = apply_rule(engine.config, rule)
             if passes not in outputs:
                 outputs[passes] = engine.run_networks(ct)
-            engine.config.lesion_threshold = rule["lesion_threshold"]
             thresholds = {key: rule[key] for key in FILTER_OFF}
-            engine.config.set_candidate_filter(FILTER_OFF if classify_all else thresholds)
+            if classify_all:
+                engine.config.set_candidate_filter(FILTER_OFF)
+            engine.classifier = (heads or {}).get(name, default_head)
             found = outputs[passes]
             result = found if isinstance(found, SegmentationResult) else engine.lesions_from(found)
             prediction = (filtered_prediction(result, thresholds)
                           if classify_all else result.as_prediction())
             results[name].append(evaluate_case(prediction, truth, ct.ijk_to_ras, case_id))
         print(case_id, {n: r[-1]["detection"] for n, r in results.items()}, flush=True)
+    engine.classifier = default_head
     return results if per_case else _summaries(results)
 
 

@@ -105,7 +105,12 @@ Judged against v5.5 (the shipped model, its own rule and head):
     computes, re-collected here, v5.5's figures from results/candidate_v5.8_rejudge.json):
     (d') type accuracy >= v5.5's - 0.03 and (e) balanced accuracy (mean recall of the three types) >= v5.5's.
 Adopt only if all hold. Test set (seeds 0-19) and the real case: reported only, from `evaluate` on the built
-model."""}
+model.
+
+Addendum 2026-12-06 01:35 UTC: testing decide-v5.9's code (on v5.5's own sample files, not this candidate's)
+ran the two engines on the first fresh phantom, 500300, and showed its figures: parent against v5.8's rule, liver
+Dice 0.9557 / 0.9533, F1 0.25 / 0.18, type accuracy 1.0 / 1.0. Nothing else of the fresh set was seen; the set
+and the rule stay as declared."""}
 
 
 def _engine(model, threads, candidate="v5.5"):
@@ -185,18 +190,97 @@ def scores(head, features, labels) -> dict:
             "expected_calibration_error": expected_calibration_error(probs, labels)}
 
 
+def train_samples(work: Path) -> dict:
+    """The train workers' samples (train_*.pt) as one set."""
+    workers = [torch.load(f, weights_only=False) for f in sorted(work.glob("train_*.pt"))]
+    if not workers:
+        raise SystemExit(f"no train_*.pt in {work}: collect the train samples first")
+    return {"features": torch.cat([w["features"] for w in workers]), "labels": torch.cat([w["labels"] for w in workers]),
+            "lesions": [lesion for w in workers for lesion in w["lesions"]],
+            "seeds": [[w["seeds"][0], w["seeds"][-1]] for w in workers],
+            "metrics": [m for w in workers for m in w["metrics"]], "seconds": max(w["seconds"] for w in workers)}
+
+
+def confusion_scores(confusion) -> dict:
+    """Type accuracy and balanced accuracy (mean recall over the types present) of a confusion matrix (rows
+    reference, columns predicted)."""
+    matrix = torch.as_tensor(confusion, dtype=torch.float64)
+    rows = matrix.sum(1)
+    present = rows > 0
+    return {"type_accuracy": float(matrix.trace() / matrix.sum()),
+            "balanced_accuracy": float((matrix.diagonal()[present] / rows[present]).mean()),
+            "confusion": matrix.long().tolist(), "lesions": int(matrix.sum())}
+
+
+def decide_v59(model, work: Path, cases: Path, out: Path, threads: int):
+    """Candidate v5.9 (V59's declaration): fit the head, fit its temperature on the pool, judge against the
+    parent on the fresh phantoms, and on the types pooled with the sets v5.8 was judged on."""
+    from lesion_rule_candidate import RULE_KEYS, verdict
+    from liverlesionai.training import ENGINE_HEAD_RECIPE, engine_lesion_head, fit_temperature
+
+    if out.exists():
+        raise SystemExit(f"{out} exists: not overwriting an earlier result")
+    started = time.time()
+    train = train_samples(work)
+    pool = torch.load(work / "pool.pt", weights_only=False)
+    earlier = {name: torch.load(work / f"{name}.pt", weights_only=False) for name in V59["earlier_sets"]}
+    engine = _engine(model, threads)  # the parent as shipped: its own rule, filter and head
+    parent_rule = {key: getattr(engine.config, key) for key in RULE_KEYS}
+    shipped = engine.classifier.eval()
+    head = engine_lesion_head(ENGINE_HEAD_RECIPE, shipped, engine.config, train["features"], train["labels"]).eval()
+    with torch.no_grad():
+        head.temperature.fill_(fit_temperature(head.logits(pool["features"]), pool["labels"]))
+    torch.save(head.state_dict(), work / "chosen_head.pt")
+
+    # the sets v5.8 was judged on: v5.8's masks, typed by the parent's head (v5.8 as judged) and by the new one
+    first = json.loads(V59["earlier_result"].read_text())["judge"]
+    earlier_types = {name: {"v5.8": scores(shipped, d["features"], d["labels"]),
+                            "v5.9": scores(head, d["features"], d["labels"])} for name, d in earlier.items()}
+    reproduced = {name: earlier_types[name]["v5.8"]["confusion"] == first[{"fresh_v5.8": "fresh"}.get(name, name)]
+                  ["v5.8"]["type_confusion"]["matrix"] for name in earlier}
+
+    fresh_dir = phantom_set(cases / "fresh_v5.9", V59["fresh_seeds"], threads)
+    fresh = judge(engine, fresh_dir, {"parent": parent_rule, "v5.9": v58_rule()}, heads={"v5.9": head})
+    fresh_verdict = verdict(fresh["v5.9"], fresh["parent"], min_f1_gain=0.0, min_liver_gain=0.002)
+    pooled = {"parent": confusion_scores(torch.tensor(first["pooled"]["parent"]["type_confusion"]["matrix"])
+                                         + torch.tensor(fresh["parent"]["type_confusion"]["matrix"])),
+              "v5.9": confusion_scores(sum(torch.tensor(t["v5.9"]["confusion"]) for t in earlier_types.values())
+                                       + torch.tensor(fresh["v5.9"]["type_confusion"]["matrix"]))}
+    pooled_checks = {"d_pooled_type_accuracy": pooled["v5.9"]["type_accuracy"]
+                     >= pooled["parent"]["type_accuracy"] - 0.03,
+                     "e_pooled_balanced_accuracy": pooled["v5.9"]["balanced_accuracy"]
+                     >= pooled["parent"]["balanced_accuracy"] - 1e-9}
+    report = {"candidate": "v5.9", "declaration": V59["declaration"], "model": str(model),
+              "decided": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "rule": v58_rule(), "parent_rule": {k: (list(v) if isinstance(v, tuple) else v) for k, v in parent_rule.items()},
+              "recipe": ENGINE_HEAD_RECIPE, "temperature": float(head.temperature),
+              "samples": {name: {"lesions": len(d["labels"]), "phantoms": len(d["metrics"]), "seeds": d["seeds"],
+                                 "seconds": d["seconds"], "by_type": torch.bincount(d["labels"], minlength=3).tolist()}
+                          for name, d in {"train": train, "pool": pool, **earlier}.items()},
+              "pool": {"v5.8": scores(shipped, pool["features"], pool["labels"]),
+                       "v5.9": scores(head, pool["features"], pool["labels"])},
+              "earlier_sets": earlier_types, "earlier_v5.8_types_reproduced": reproduced,
+              "fresh": {"seeds": [V59["fresh_seeds"].start, V59["fresh_seeds"].stop - 1], "judge": fresh,
+                        "verdict": fresh_verdict},
+              "pooled_120": {**pooled, "checks": pooled_checks},
+              "verdict": {**{k: v for k, v in fresh_verdict.items() if k != "adopted"}, **pooled_checks,
+                          "adopted": fresh_verdict["adopted"] and all(pooled_checks.values())},
+              "seconds": round(time.time() - started)}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.rename(out)
+    print(json.dumps({k: report[k] for k in ("earlier_v5.8_types_reproduced", "pooled_120", "verdict")}, indent=1))
+    print({n: (round(a["mean_liver_dice"], 4), round(a["global_lesion_dice"], 4), a["detection"]["f1"],
+               a["type_accuracy"]) for n, a in fresh.items()})
+
+
 def decide(model, work: Path, out: Path):
     from liverlesionai.training import ENGINE_HEAD_RECIPES, engine_lesion_head, fit_temperature
 
     if out.exists():
         raise SystemExit(f"{out} exists: not overwriting an earlier result")
     data = {name: torch.load(work / f"{name}.pt", weights_only=False) for name in ("pool", "judge")}
-    workers = [torch.load(f, weights_only=False) for f in sorted(work.glob("train_*.pt"))]
-    data["train"] = {"features": torch.cat([w["features"] for w in workers]),
-                     "labels": torch.cat([w["labels"] for w in workers]),
-                     "lesions": [lesion for w in workers for lesion in w["lesions"]],
-                     "seeds": [[w["seeds"][0], w["seeds"][-1]] for w in workers],
-                     "metrics": [m for w in workers for m in w["metrics"]], "seconds": max(w["seconds"] for w in workers)}
+    data["train"] = train_samples(work)
     engine = _engine(model, 2)
     shipped = engine.classifier.eval()
     heads = {"h0_shipped": shipped, **{recipe: engine_lesion_head(recipe, shipped, engine.config, data["train"]["features"],
@@ -331,6 +415,12 @@ def main(argv=None):
     d.add_argument("--model", type=Path, required=True)
     d.add_argument("--work", type=Path, required=True)
     d.add_argument("--out", type=Path, required=True)
+    d9 = sub.add_parser("decide-v5.9", help="candidate v5.9: fit the head on the train samples, judge")
+    d9.add_argument("--model", type=Path, required=True, help="the parent (the shipped v5.5)")
+    d9.add_argument("--work", type=Path, required=True)
+    d9.add_argument("--cases", type=Path, required=True, help="folder of the pool, judge and fresh phantoms")
+    d9.add_argument("--out", type=Path, required=True)
+    d9.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("rejudge", help="the addendum's second test on the fresh judge set")
     r.add_argument("result", type=Path, help="the first verdict's results JSON")
     r.add_argument("--model", type=Path, required=True)
@@ -352,6 +442,8 @@ def main(argv=None):
         collect(a.which, a.model, a.out, a.cases, a.minutes, a.threads, a.worker, a.candidate)
     elif a.command == "decide":
         decide(a.model, a.work, a.out)
+    elif a.command == "decide-v5.9":
+        decide_v59(a.model, a.work, a.cases, a.out, a.threads)
     elif a.command == "rejudge":
         rejudge(a.model, a.work, a.result, a.out)
     else:

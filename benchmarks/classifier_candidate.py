@@ -1,4 +1,4 @@
-"""Classifier candidate v5.5: the lesion classifier head re-fitted on the masks the engine itself makes.
+"""Classifier candidates: the lesion classifier head re-fitted on the masks the engine itself makes (v5.5, v5.9).
 
 v5.3's lower lesion threshold (0.15) gives larger lesion masks than the reference masks and random cores its head
 was fitted on (training.classifier_samples), and on the test phantoms cysts typed right fell from 3 of 5 to 1 of 7.
@@ -21,6 +21,19 @@ v5.5 keeps v5.3's networks, lesion rule and filter, and fits the head on the eng
     python benchmarks/classifier_candidate.py build benchmarks/results/candidate_v5.5.json \\
         benchmarks/results/candidate_v5.5_rejudge.json --model $M --work $W \\
         --out LiverLesionAI/Resources/Models/liverlesionai-v5.5 --cases /tmp/v53 --real-case ../shared/data/ircadb-01/case_01
+
+v5.9 (declaration in V59): candidate v5.8's lesion rule (stage 1's liver holes filled in 3D only, threshold 0.2,
+results/candidate_v5.8.json) with v5.5's head re-fitted (refit_60) on that rule's own engine lesions.
+
+    W=/tmp/v59 M=LiverLesionAI/Resources/Models/liverlesionai-v5.5
+    for w in 0 1; do python benchmarks/classifier_candidate.py collect train --candidate v5.9 --worker $w --model $M \
+        --out $W/train_$w.pt --minutes 45 & done; wait
+    for s in pool judge fresh_v5.8; do python benchmarks/classifier_candidate.py collect $s --candidate v5.9 \
+        --model $M --cases /tmp/v53 --out $W/$s.pt; done
+    python benchmarks/classifier_candidate.py decide-v5.9 --model $M --work $W --cases /tmp/v53 \
+        --out benchmarks/results/candidate_v5.9.json
+    python benchmarks/classifier_candidate.py build-v5.9 benchmarks/results/candidate_v5.9.json --model $M --work $W \
+        --out LiverLesionAI/Resources/Models/liverlesionai-v5.9 --cases /tmp/v53 --real-case ../shared/data/ircadb-01/case_01
 """
 
 from __future__ import annotations
@@ -357,21 +370,58 @@ def rejudge(model, work: Path, result_file: Path, out: Path):
     print(report["verdict"])
 
 
-def build(result_file: Path, rejudge_file: Path, parent_dir: Path, work: Path, model_out: Path, cases: Path,
-          real_case: Path, threads: int):
-    """The adopted head in a model folder (the parent's networks and rule), with the card's figures from
-    ``evaluate`` (float32) on the test phantoms (seeds 0-19, 384 matrix) and the real case."""
+def _parent_with_head(verdict_file: Path, work: Path, parent_dir: Path, model_out: Path):
+    """-> (the parent's weights with the chosen head, the parent's card), once ``verdict_file`` says adopted."""
     from liverlesionai.model_io import load_model
 
-    report = json.loads(result_file.read_text())
-    second = json.loads(rejudge_file.read_text())
-    if not second.get("verdict", {}).get("adopted"):
-        raise SystemExit(f"{rejudge_file}: the candidate was not adopted")
+    if not json.loads(verdict_file.read_text()).get("verdict", {}).get("adopted"):
+        raise SystemExit(f"{verdict_file}: the candidate was not adopted")
     if model_out.exists():
         raise SystemExit(f"{model_out} exists: not overwriting a model")
     state, card = load_model(parent_dir)
     head = torch.load(work / "chosen_head.pt", weights_only=True)
-    state = {**state, **{f"classifier.{k}": v for k, v in head.items()}}
+    return {**state, **{f"classifier.{k}": v for k, v in head.items()}}, card
+
+
+def build_v59(result_file: Path, parent_dir: Path, work: Path, model_out: Path, cases: Path, real_case: Path,
+              threads: int):
+    """Candidate v5.9, adopted, as a model folder: the parent's networks, v5.8's rule in the card, the re-fitted
+    head; the card's figures from ``evaluate`` (float32) on the test phantoms and the real case."""
+    state, card = _parent_with_head(result_file, work, parent_dir, model_out)
+    report = json.loads(result_file.read_text())
+    rule = report["rule"]
+    train = report["samples"]["train"]
+    new_card = {k: card[k] for k in ("name", "generator_version", "seeds", "training_steps", "hyperparameters")
+                if k in card}
+    new_card.update({
+        "version": "5.9.0",
+        "architecture": {**card["architecture"], **rule},
+        "classifier": {**card["classifier"], "samples": train["lesions"], "temperature": report["temperature"],
+                       "refit": f"{report['recipe']} from {Path(parent_dir).name}'s head on {train['lesions']} engine "
+                                f"lesions (v5.8's rule, filter off) of {train['phantoms']} training phantoms (seed "
+                                f"ranges {train['seeds']}), temperature fitted on the 48 pool phantoms' lesions",
+                       "engine_lesion_type_accuracy": {
+                           "pool_48_phantoms": report["pool"]["v5.9"]["type_accuracy"],
+                           "fresh_48_phantoms": report["fresh"]["judge"]["v5.9"]["type_accuracy"],
+                           "pooled_120_phantoms": report["pooled_120"]["v5.9"]["type_accuracy"]}},
+        "training_history": f"{Path(parent_dir).name} ({card['version']}, same networks) with candidate v5.8's lesion "
+                            f"rule (stage 1's liver holes filled in 3D only; {rule}) and its classifier head re-fitted "
+                            f"on that rule's own engine lesions (benchmarks/classifier_candidate.py decide-v5.9, "
+                            f"results/candidate_v5.9.json). {Path(parent_dir).name}'s history: "
+                            + card.get("training_history", ""),
+        "adoption": {"rule": report["declaration"], "result": report["verdict"], "previous": card.get("adoption")},
+    })
+    save_evaluated_model(model_out, state, new_card, cases, real_case, threads,
+                         {"fresh_validation_48": report["fresh"]["judge"], "pooled_types_120": report["pooled_120"]})
+
+
+def build(result_file: Path, rejudge_file: Path, parent_dir: Path, work: Path, model_out: Path, cases: Path,
+          real_case: Path, threads: int):
+    """The adopted head in a model folder (the parent's networks and rule), with the card's figures from
+    ``evaluate`` (float32) on the test phantoms (seeds 0-19, 384 matrix) and the real case."""
+    state, card = _parent_with_head(rejudge_file, work, parent_dir, model_out)  # adopted by its second test
+    report = json.loads(result_file.read_text())
+    second = json.loads(rejudge_file.read_text())
     samples = report["samples"]["train"]
     new_card = {k: card[k] for k in ("name", "generator_version", "seeds", "training_steps", "hyperparameters",
                                      "architecture") if k in card}
@@ -426,6 +476,14 @@ def main(argv=None):
     r.add_argument("--model", type=Path, required=True)
     r.add_argument("--work", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
+    b9 = sub.add_parser("build-v5.9", help="candidate v5.9, adopted, as a model folder")
+    b9.add_argument("result", type=Path, help="results/candidate_v5.9.json")
+    b9.add_argument("--model", type=Path, required=True)
+    b9.add_argument("--work", type=Path, required=True)
+    b9.add_argument("--out", type=Path, required=True)
+    b9.add_argument("--cases", type=Path, required=True)
+    b9.add_argument("--real-case", type=Path, required=True)
+    b9.add_argument("--threads", type=int, default=2)
     b = sub.add_parser("build", help="the adopted model folder")
     b.add_argument("result", type=Path, help="the first verdict's results JSON")
     b.add_argument("rejudge", type=Path, help="the second verdict's results JSON")
@@ -444,6 +502,8 @@ def main(argv=None):
         decide(a.model, a.work, a.out)
     elif a.command == "decide-v5.9":
         decide_v59(a.model, a.work, a.cases, a.out, a.threads)
+    elif a.command == "build-v5.9":
+        build_v59(a.result, a.model, a.work, a.out, a.cases, a.real_case, a.threads)
     elif a.command == "rejudge":
         rejudge(a.model, a.work, a.result, a.out)
     else:

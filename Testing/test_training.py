@@ -280,6 +280,18 @@ def test_engine_lesion_samples_are_the_inputs_that_typed_the_engines_matched_les
         torch.testing.assert_close(vector, result.lesion_features[match["pred_id"]])
     assert features.shape == (len(matches), 3 * (26 + 3))
 
+    # with the false lesions: the same matched samples first, then each unmatched reported lesion as NOT_A_LESION
+    all_features, all_labels, all_lesions, _ = T.engine_lesion_samples(engine, [("p", ct, reference)], log=lambda m: None,
+                                                                       include_false=True)
+    false_ids = metrics[0]["false_positive_ids"]
+    assert false_ids and len(all_labels) == len(matches) + len(false_ids)
+    assert all_labels[:len(matches)].tolist() == labels.tolist()
+    assert (all_labels[len(matches):] == T.NOT_A_LESION).all()
+    for vector, lesion_id, sample in zip(all_features[len(matches):], false_ids, all_lesions[len(matches):]):
+        torch.testing.assert_close(vector, result.lesion_features[lesion_id])
+        assert sample["overlaps_reference"] == bool(
+            truth.lesion_instances[result.lesion_instances == lesion_id].any())
+
 
 def test_engine_lesion_heads_learn_their_samples_from_the_parent_or_from_scratch():
     from liverlesionai.networks import LesionClassifierHead

@@ -89,6 +89,9 @@ The first verdict stays in the record (results/candidate_v5.5.json); this one is
 JUDGE2_SEEDS = range(500_200, 500_296)
 
 TRAIN_SEED_BASE_V55 = 1_800_000
+# training phantoms whose reported lesions, true and false, are samples for telling false lesions apart (the
+# gallbladder, stomach, parenchyma: README, "Where the test set's detection errors are"); no other step draws them
+CANDIDATES_SEED_BASE = 1_900_000
 
 V59 = {"rule_from": Path(__file__).parent / "results" / "candidate_v5.8.json",
        "earlier_sets": {"judge": JUDGE_SEEDS, "fresh_v5.8": range(500_200, 500_248)},
@@ -140,10 +143,10 @@ def v58_rule() -> dict:
     return json.loads(V59["rule_from"].read_text())["chosen"]
 
 
-def _fresh_phantoms(deadline: float, seeds: list, worker: int):
+def _fresh_phantoms(deadline: float, seeds: list, worker: int, seed_base: int = TRAIN_SEED_BASE_V55):
     from liverlesionai.training import fresh_phantom_cases
 
-    base = TRAIN_SEED_BASE_V55 + 10_000 * worker
+    base = seed_base + 10_000 * worker
     for seed, case in enumerate(fresh_phantom_cases(base, 10_000, MAX_IN_PLANE), start=base):
         seeds.append(seed)
         yield case
@@ -152,7 +155,7 @@ def _fresh_phantoms(deadline: float, seeds: list, worker: int):
 
 
 def collect(which: str, model, out: Path, cases: Path | None, minutes: float, threads: int, worker: int = 0,
-            candidate: str = "v5.5"):
+            candidate: str = "v5.5", with_false: bool = False):
     from liverlesionai.networks import FILTER_OFF
     from liverlesionai.training import engine_lesion_samples
 
@@ -164,6 +167,8 @@ def collect(which: str, model, out: Path, cases: Path | None, minutes: float, th
     if which == "train":
         engine.config.set_candidate_filter(FILTER_OFF)
         source = _fresh_phantoms(started + 60 * minutes, seeds, worker)
+    elif which == "candidates":  # every lesion the engine reports, as in use, false ones included
+        source = _fresh_phantoms(started + 60 * minutes, seeds, worker, CANDIDATES_SEED_BASE)
     elif which == "judge2":
         seeds = list(JUDGE2_SEEDS[worker::2])
         source = triples(phantom_set(cases / f"judge2_{worker}", seeds, threads))
@@ -175,7 +180,8 @@ def collect(which: str, model, out: Path, cases: Path | None, minutes: float, th
         seed_range = POOL_SEEDS if which == "pool" else JUDGE_SEEDS
         source = triples(phantom_set(cases / which, seed_range, threads))
         seeds = [seed_range.start, seed_range.stop - 1]
-    features, labels, lesions, metrics = engine_lesion_samples(engine, source, log=lambda m: print(m, flush=True))
+    features, labels, lesions, metrics = engine_lesion_samples(engine, source, log=lambda m: print(m, flush=True),
+                                                               include_false=with_false or which == "candidates")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save({"features": features, "labels": labels, "lesions": lesions, "seeds": seeds,
@@ -451,16 +457,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="engine lesions of one phantom set, with their classifier inputs")
-    c.add_argument("which", choices=("train", "pool", "judge", "judge2", "fresh_v5.8"))
+    c.add_argument("which", choices=("train", "candidates", "pool", "judge", "judge2", "fresh_v5.8"))
+    c.add_argument("--with-false", action="store_true",
+                   help="also the reported lesions that match no reference lesion (label NOT_A_LESION; always for "
+                        "candidates)")
     c.add_argument("--candidate", choices=("v5.5", "v5.9"), default="v5.5",
                    help="v5.9: the engine under v5.8's lesion rule and filter")
     c.add_argument("--model", type=Path, required=True)
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--cases", type=Path, help="folder of the pool and judge phantoms")
-    c.add_argument("--minutes", type=float, default=40.0, help="train: wall time to collect for")
+    c.add_argument("--minutes", type=float, default=40.0, help="train, candidates: wall time to collect for")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--worker", type=int, default=0,
-                   help="train: seeds 1_800_000 + 10_000 * worker upwards; judge2: every second seed from 500200 + worker")
+                   help="train: seeds 1_800_000 + 10_000 * worker upwards (candidates: 1_900_000 + ...); "
+                        "judge2: every second seed from 500200 + worker")
     d = sub.add_parser("decide", help="fit the heads, choose on the pool, judge")
     d.add_argument("--model", type=Path, required=True)
     d.add_argument("--work", type=Path, required=True)
@@ -495,9 +505,9 @@ def main(argv=None):
     b.add_argument("--threads", type=int, default=2)
     a = parser.parse_args(argv)
     if a.command == "collect":
-        if a.which != "train" and a.cases is None:
+        if a.which not in ("train", "candidates") and a.cases is None:
             parser.error("--cases is needed for the pool and judge sets")
-        collect(a.which, a.model, a.out, a.cases, a.minutes, a.threads, a.worker, a.candidate)
+        collect(a.which, a.model, a.out, a.cases, a.minutes, a.threads, a.worker, a.candidate, a.with_false)
     elif a.command == "decide":
         decide(a.model, a.work, a.out)
     elif a.command == "decide-v5.9":

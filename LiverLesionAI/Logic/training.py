@@ -369,14 +369,19 @@ def classifier_samples(stage2, cfg: CascadeConfig, source, count, rng, device, l
     return torch.cat(features), torch.tensor(labels)
 
 
-def engine_lesion_samples(engine, cases, log=print):
+NOT_A_LESION = len(LESION_TYPES)  # label of a reported lesion that matches no reference lesion
+
+
+def engine_lesion_samples(engine, cases, log=print, include_false=False):
     """Classifier inputs and reference types of the lesions the engine itself reports on (case id, CTVolume,
     truth) triples, under its lesion rule and candidate filter: the masks the head types in use, which reference
     masks and their random cores (``classifier_samples``) only approximate. A lesion counts where the evaluation's
-    one-to-one matching pairs it with a reference lesion of a known type.
+    one-to-one matching pairs it with a reference lesion of a known type; ``include_false``: the reported lesions
+    it matches with none count too, labelled NOT_A_LESION (samples for telling false lesions apart).
 
-    -> (features (N, D), labels (N,), per-lesion {"case_id", "gt_long_axis_mm", "pred_type"} list, evaluate_case
-    metrics of every case)."""
+    -> (features (N, D), labels (N,), per-lesion {"case_id", "gt_long_axis_mm", "pred_type"} list (false lesions:
+    "gt_long_axis_mm" None, "overlaps_reference": whether any voxel is a reference lesion's), evaluate_case metrics
+    of every case)."""
     from .evaluation import evaluate_case
     from .records import SegmentationResult
 
@@ -393,7 +398,14 @@ def engine_lesion_samples(engine, cases, log=print):
                 labels.append(LESION_TYPES.index(match["gt_type"]))
                 lesions.append({"case_id": case_id, "gt_long_axis_mm": match["gt_long_axis_mm"],
                                 "pred_type": match["pred_type"]})
-        log(f"[classifier] {case_id}: {len(labels)} matched lesions so far ({time.time() - t0:.0f} s)")
+        reported_types = {r.lesion_id: r.lesion_type for r in result.lesions}
+        for lesion_id in case_metrics["false_positive_ids"] if include_false else ():
+            features.append(result.lesion_features[lesion_id])
+            labels.append(NOT_A_LESION)
+            in_lesion = truth["lesion_instances"][result.lesion_instances == lesion_id]
+            lesions.append({"case_id": case_id, "gt_long_axis_mm": None, "overlaps_reference": bool(in_lesion.any()),
+                            "pred_type": reported_types[lesion_id]})
+        log(f"[classifier] {case_id}: {len(labels)} lesion samples so far ({time.time() - t0:.0f} s)")
     size = 3 * LesionClassifierHead.view_size(engine.config)
     return (torch.stack(features) if features else torch.zeros(0, size), torch.tensor(labels, dtype=torch.long),
             lesions, metrics)

@@ -488,21 +488,13 @@ def main(argv=None):
     r.add_argument("--out", type=Path, required=True)
     b9 = sub.add_parser("build-v5.9", help="candidate v5.9, adopted, as a model folder")
     b9.add_argument("result", type=Path, help="results/candidate_v5.9.json")
-    b9.add_argument("--model", type=Path, required=True)
-    b9.add_argument("--work", type=Path, required=True)
-    b9.add_argument("--out", type=Path, required=True)
-    b9.add_argument("--cases", type=Path, required=True)
-    b9.add_argument("--real-case", type=Path, required=True)
-    b9.add_argument("--threads", type=int, default=2)
     b = sub.add_parser("build", help="the adopted model folder")
     b.add_argument("result", type=Path, help="the first verdict's results JSON")
     b.add_argument("rejudge", type=Path, help="the second verdict's results JSON")
-    b.add_argument("--model", type=Path, required=True)
-    b.add_argument("--work", type=Path, required=True)
-    b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--cases", type=Path, required=True)
-    b.add_argument("--real-case", type=Path, required=True)
-    b.add_argument("--threads", type=int, default=2)
+    for build_parser in (b9, b):
+        for option in ("--model", "--work", "--out", "--cases", "--real-case"):
+            build_parser.add_argument(option, type=Path, required=True)
+        build_parser.add_argument("--threads", type=int, default=2)
     a = parser.parse_args(argv)
     if a.command == "collect":
         if a.which not in ("train", "candidates") and a.cases is None:

@@ -265,7 +265,6 @@ def test_cards_without_stage2_views_run_axial_and_unknown_views_are_refused(tmp_
         LiverLesionEngine(tmp_path / "m", device="cpu")
 
 
-
 def test_liver_holes_filled_in_3d_only_keep_the_gallbladder_out(shipped_model_dir):
     """Test phantom 7 (the demo's): with its holes filled per axial slice too, stage 1's liver takes in the
     gallbladder, enclosed by liver in those slices, and stage 2 reports it as a lesion; filling only the 3D

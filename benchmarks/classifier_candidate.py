@@ -271,7 +271,7 @@ def decide_v59(model, work: Path, cases: Path, out: Path, threads: int):
                      >= pooled["parent"]["balanced_accuracy"] - 1e-9}
     report = {"candidate": "v5.9", "declaration": V59["declaration"], "model": str(model),
               "decided": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "rule": v58_rule(), "parent_rule": {k: (list(v) if isinstance(v, tuple) else v) for k, v in parent_rule.items()},
+              "rule": v58_rule(), "parent_rule": parent_rule,
               "recipe": ENGINE_HEAD_RECIPE, "temperature": float(head.temperature),
               "samples": {name: {"lesions": len(d["labels"]), "phantoms": len(d["metrics"]), "seeds": d["seeds"],
                                  "seconds": d["seconds"], "by_type": torch.bincount(d["labels"], minlength=3).tolist()}

@@ -279,8 +279,7 @@ def rejudge(result_file: Path, parent_dir: Path, cases: Path, out: Path, threads
         raise SystemExit(f"{out} exists: not overwriting an earlier result")
     report = json.loads(result_file.read_text())
     name, spec = report["candidate"], REJUDGE[report["candidate"]]
-    rules = {key: {**rule, "stage2_views": tuple(rule["stage2_views"])}
-             for key, rule in (("parent", report["parent"]), (name, report["chosen"]))}
+    rules = {"parent": report["parent"], name: report["chosen"]}  # apply_rule takes them as JSON left them
     started = time.perf_counter()
     fresh = phantom_set(cases / f"fresh_{name}", spec["seeds"], threads)
     engine = LiverLesionEngine(parent_dir, device="cpu", threads=threads, precision="fp32")

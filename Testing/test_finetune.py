@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from liverlesionai.errors import InputError
 from liverlesionai.export import load_dataset, manifest_sha256
 from liverlesionai.finetune import (
     FinetuneCancelled, FinetuneSettings, PreparedCase, case_batch, export_phantom_case, exported_tissue, finetune,
-    local_cuda_index, prepare_case, split_cases,
+    local_cuda_index, prepare_case, split_cases, version_summary,
 )
 from liverlesionai.model_io import load_model, save_model
 from liverlesionai.networks import CascadeConfig, LesionClassifierHead, UNet2p5D, UNetConfig
@@ -406,7 +407,8 @@ def test_finetune_refits_the_classifier_on_engine_lesions(shipped_model_dir, tmp
     registry = ModelRegistry(tmp_path / "registry", shipped_dir=shipped_model_dir)
     settings = FinetuneSettings(epochs_frozen=1, epochs_unfrozen=0, steps_per_epoch=1, batch=2, crop=32,
                                 replay_fraction=0.0, classifier_epochs=20, classifier_engine_passes=1,
-                                guard_cases=1, guard_max_in_plane=128, classifier_guard_lesions=4)
+                                guard_cases=1, guard_max_in_plane=128, classifier_guard_lesions=4,
+                                domain_gate=False)  # one domain here: the classifier guard's path
     logged = []
     version = finetune(dataset, registry, None, settings, "cpu", log=logged.append)
     card = json.loads((registry.model_dir(version) / "model_card.json").read_text())
@@ -497,3 +499,58 @@ def test_retuned_validation_chooses_and_measures_on_one_network_pass(shipped_mod
     engine.config.set_candidate_filter(shipped)
     assert retuned_validation_metrics(engine, [], [], log=lambda m: None)[1] is None
     assert engine.config.candidate_filter == shipped
+    # nor with candidates none of which is a true lesion (all thresholds tie at F1 0: the most permissive
+    # would win)
+    no_lesions = [(case_id, ct, {**truth, "lesion_instances": np.zeros_like(truth["lesion_instances"]),
+                                 "lesion_types": {}}) for case_id, ct, truth in guard]
+    assert retuned_validation_metrics(engine, [], no_lesions, log=lambda m: None)[1] is None
+    assert engine.config.candidate_filter == shipped
+
+
+def test_finetune_behind_a_domain_gate_keeps_the_parent_for_its_own_domain(shipped_model_dir, tmp_path):
+    """Exported cases of another acquisition (liver 60-80 HU, noisier): the fine-tuned networks become a site
+    expert behind a gate; the parent's networks stay as they were and still run on original-domain CTs, so
+    those give exactly the parent's result. A gated version fine-tuned again stays gated on the same parent."""
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.phantom import generate_phantom_ct
+
+    shift = {"liver_hu": [60, 80], "noise_hu": [25, 35], "lesion_contrast_scale": 0.5}
+    dataset = tmp_path / "dataset"
+    for seed in (600_003, 600_002):
+        export_phantom_case(dataset, seed, domain=shift, max_in_plane=128)
+    registry = ModelRegistry(tmp_path / "registry", shipped_dir=shipped_model_dir)
+    settings = FinetuneSettings(epochs_frozen=1, epochs_unfrozen=0, steps_per_epoch=1, batch=2, crop=32,
+                                replay_fraction=0.0, classifier_epochs=5, classifier_engine_passes=1,
+                                guard_cases=2, guard_max_in_plane=128, min_heldout_gain=-1.0)
+    version = finetune(dataset, registry, None, settings, "cpu")
+    card = json.loads((registry.model_dir(version) / "model_card.json").read_text())
+    gate = card["architecture"]["domain_gate"]
+    assert gate["routed_to_site"] == {"exported_training": "1/1", "exported_held_out": "1/1",
+                                      "original_domain_guard": "0/2"}
+    assert gate["site"]["mean"][0] < 85 < gate["parent"]["mean"][0]  # liver median HU
+    assert set(card["architecture"]["site_candidate_filter"]) == {"min_lesion_confidence", "max_surface_fraction"}
+    assert card["hyperparameters"]["stage2"] == "site expert behind a domain gate"
+    assert card["classifier_guard"]["reason"] == "domain gate"
+    assert "Domain gate:" in version_summary(version, registry)[0]  # what the panel and the CLI show
+    shipped_state, new_state = load_model(shipped_model_dir)[0], load_model(registry.model_dir(version))[0]
+    assert all(torch.equal(v, new_state[k]) for k, v in shipped_state.items())  # the parent expert, untouched
+    assert {k[len("site."):] for k in new_state if k.startswith("site.")} == \
+        {k for k in shipped_state if k.startswith(("stage2.", "classifier."))}
+    val = card["validation"]  # the guard phantoms ran the parent expert: nothing lost there
+    assert all(val["new"][k] == val["parent"][k] for k in val["parent"] if k.startswith("original_domain_"))
+
+    parent_engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    gated_engine = LiverLesionEngine(registry.model_dir(version), device="cpu", precision="fp32")
+    original_ct, _ = generate_phantom_ct(600_021, max_in_plane=128)
+    shifted_ct, _ = generate_phantom_ct(600_021, max_in_plane=128, domain=shift)
+    by_parent, by_gated = parent_engine.segment(original_ct), gated_engine.segment(original_ct)
+    assert by_gated.expert == "parent" and np.array_equal(by_gated.lesion_instances, by_parent.lesion_instances)
+    assert [r.probabilities for r in by_gated.lesions] == [r.probabilities for r in by_parent.lesions]
+    assert gated_engine.segment(shifted_ct).expert == "site"
+    assert any(m.startswith("Fine-tuned networks used") for m in gated_engine.segment(shifted_ct).messages)
+
+    again = finetune(dataset, registry, version, replace(settings, domain_gate=False), "cpu")
+    again_card = json.loads((registry.model_dir(again) / "model_card.json").read_text())
+    assert again_card["architecture"]["domain_gate"]["routed_to_site"]["original_domain_guard"] == "0/2"
+    again_state = load_model(registry.model_dir(again))[0]
+    assert all(torch.equal(v, again_state[k]) for k, v in shipped_state.items())

@@ -270,7 +270,8 @@ def test_engine_lesion_samples_are_the_inputs_that_typed_the_engines_matched_les
     result = engine.lesions_from(engine.run_networks(ct), keep_features=True)
     assert set(result.lesion_features) == {r.lesion_id for r in result.lesions}
     for record in result.lesions:  # the kept inputs are the ones that typed each lesion
-        again = engine._type_probabilities({record.lesion_id: result.lesion_features[record.lesion_id]})
+        again = engine._type_probabilities({record.lesion_id: result.lesion_features[record.lesion_id]},
+                                           engine.experts[result.expert])
         assert again[record.lesion_id] == pytest.approx(record.probabilities, abs=1e-4)
     matches = [m for m in metrics[0]["matches"] if m["gt_type"] in LESION_TYPES]
     assert 0 < len(matches) < len(result.lesions)  # unmatched candidates give no sample

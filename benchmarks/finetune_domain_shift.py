@@ -69,13 +69,15 @@ def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
         pred = engine.segment(ct)
         m = evaluate_case(pred.as_prediction(), case.load_truth(), ct.ijk_to_ras, case_id=case.case_id)
         m["seconds"] = round(time.time() - t0, 1)
+        m["expert"] = pred.expert  # which stage-2 expert a gated model ran (domain_gate)
         path.write_text(json.dumps(m))
         results.append(m)
         log(f"  {model_key[:8]} {cases_dir.name}/{case.case_id}: lesion Dice {m['lesion_dice']:.3f} ({m['seconds']} s)")
     s = aggregate(results)
     return {"n_cases": s["n_cases"], "lesion_dice": s["global_lesion_dice"], "type_accuracy": s["type_accuracy"],
             "liver_dice": s["mean_liver_dice"], "detection_f1": s["detection"]["f1"],
-            "typed_lesions": int(sum(map(sum, s["type_confusion"]["matrix"])))}
+            "typed_lesions": int(sum(map(sum, s["type_confusion"]["matrix"]))),
+            "cases_to_site_expert": sum(r.get("expert") == "site" for r in results)}
 
 
 def main(argv=None):

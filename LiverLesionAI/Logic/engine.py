@@ -5,10 +5,14 @@ on a fine grid inside the liver box, segmenting liver and lesions and typing eve
 each lesion (3D connected component) is then typed by the classifier head from three orthogonal
 patches through it (intensity/shape descriptors + stage-2 pixel type probabilities), with a calibrated
 temperature. Probabilities are kept only inside the liver box and at float16.
+
+A fine-tuned version may hold two stage-2 experts (stage 2, head, candidate filter): its parent's and the one
+fine-tuned for the exported cases' site; its domain gate picks one per CT after stage 1 (domain_gate).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from . import domain_gate
 from .errors import InputError, LiverLesionAIError, ModelFileError
 from .geometry import canonicalize, grid_bounds, resample_separable, sub_grid
 from .lesions import build_lesion_records
@@ -35,6 +40,12 @@ ROI_MARGIN_MM = 15.0
 EDGE_BAND_MM = 2.5  # "near the liver surface" for the lesion candidate filter
 
 Progress = Callable[[float, str], None]
+EXPERT_MESSAGES = {  # shown with the result of a gated model (domain_gate)
+    "site": "Fine-tuned networks used: this scan's liver HU and noise resemble those of the cases the model was "
+            "fine-tuned on.",
+    "parent": "Parent model's networks used: this scan's liver HU and noise differ from those of the cases the "
+              "model was fine-tuned on.",
+}
 
 
 def _no_progress(fraction, message):
@@ -72,6 +83,15 @@ class NetworkOutputs:
     prior2: np.ndarray  # stage 1's liver probability on grid2
     probs2: np.ndarray  # stage-2 class probabilities (classes, K, J, I) float16
     messages: list
+    expert: str = "parent"  # the stage-2 expert that ran (domain_gate)
+
+
+@dataclass
+class Expert:
+    """Stage 2, classifier head and lesion rule (the config's candidate filter) that run together."""
+    stage2: UNet2p5D
+    classifier: LesionClassifierHead
+    config: CascadeConfig
 
 
 class LiverLesionEngine:
@@ -99,14 +119,18 @@ class LiverLesionEngine:
         self.card = card
         self.version = str(card.get("version", self.model_dir.name))
         try:
-            self.config = CascadeConfig.from_dict(card["architecture"])
+            config = CascadeConfig.from_dict(card["architecture"])
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"Model card of {self.model_dir} has an architecture this version cannot build "
                                  f"({error}).") from error
-        self.stage1 = UNet2p5D(self.config.stage1)
-        self.stage2 = UNet2p5D(self.config.stage2)
-        self.classifier = LesionClassifierHead(self.config)
+        self.stage1 = UNet2p5D(config.stage1)
+        self.experts = {"parent": Expert(UNet2p5D(config.stage2), LesionClassifierHead(config), config)}
+        self.gate = card["architecture"].get("domain_gate")
         parts = {"stage1": self.stage1, "stage2": self.stage2, "classifier": self.classifier}
+        if self.gate:  # a fine-tuned version with a site expert (domain_gate)
+            site = self.add_site_expert(self.gate)
+            site.config.set_candidate_filter(card["architecture"]["site_candidate_filter"])
+            parts.update({"site.stage2": site.stage2, "site.classifier": site.classifier})
         for prefix, net in parts.items():
             sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
             try:
@@ -116,6 +140,31 @@ class LiverLesionEngine:
                                      f"({prefix}: {str(e).splitlines()[0]})") from None
             # channels-last weights: oneDNN's faster convolution path (~18% less CPU time, same masks)
             net.to(self.device, memory_format=torch.channels_last).eval()
+
+    # the expert fine-tuning adapts and a model's own lesion rule: the site expert where there is one
+    @property
+    def adapted(self) -> Expert:
+        return self.experts.get("site", self.experts["parent"])
+
+    @property
+    def stage2(self) -> UNet2p5D:
+        return self.adapted.stage2
+
+    @property
+    def classifier(self) -> LesionClassifierHead:
+        return self.adapted.classifier
+
+    @property
+    def config(self) -> CascadeConfig:
+        return self.adapted.config
+
+    def add_site_expert(self, gate: dict) -> Expert:
+        """A site expert, a copy of the parent expert until changed, and the gate that routes CTs to it."""
+        parent = self.experts["parent"]
+        self.experts["site"] = Expert(copy.deepcopy(parent.stage2), copy.deepcopy(parent.classifier),
+                                      copy.deepcopy(parent.config))
+        self.gate = gate
+        return self.experts["site"]
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -213,6 +262,31 @@ class LiverLesionEngine:
         """Stages 1 and 2 of ``segment`` (the part that depends on the networks and on ``fill_liver_holes``);
         the "no liver" result where there is none. ``lesions_from`` turns the outputs into the result under
         the current lesion rule and candidate filter, so several rules can share one network pass."""
+        inputs = self._stage2_inputs(ct, progress, force, liver_prior)
+        if isinstance(inputs, SegmentationResult):
+            return inputs
+        canon, g2, x2, prior2, messages = inputs
+        expert = domain_gate.route(self.gate, self._acquisition(x2, prior2)) if self.gate else "parent"
+        notes = []
+        probs2 = self._predict_views(self.experts[expert].stage2, x2, prior2, self.config.stage2_views, notes)
+        if self.gate:
+            messages.append(EXPERT_MESSAGES[expert])
+        return NetworkOutputs(ct, canon, g2, x2, prior2, probs2, messages + notes, expert)
+
+    def acquisition_features(self, ct: CTVolume) -> dict | None:
+        """The liver's median HU and noise the domain gate routes on (stage 1 only); None without a liver."""
+        inputs = self._stage2_inputs(ct)
+        return None if isinstance(inputs, SegmentationResult) else self._acquisition(*inputs[2:4])
+
+    def _acquisition(self, x2, prior2):
+        lo, hi = self.config.hu_window
+        hu = x2 * np.float32((hi - lo) / 2) + np.float32((lo + hi) / 2)  # normalize_hu inverted (inside the window)
+        return domain_gate.acquisition_features(hu, prior2 > 0.5, float(self.config.stage2_spacing[0]))
+
+    def _stage2_inputs(self, ct: CTVolume, progress: Progress | None = None, force: bool = False,
+                       liver_prior: np.ndarray | None = None):
+        """Stage 1, then stage 2's input on its grid: (canon, grid2, hu2, prior2, messages), or the "no liver"
+        result."""
         progress = progress or _no_progress
         cfg = self.config
         progress(0.0, "Checking the CT")
@@ -256,8 +330,7 @@ class LiverLesionEngine:
         g2 = canonical_grid(roi_lo, roi_hi, cfg.stage2_spacing, multiple=self.stage2.divisor)
         x2 = normalize_hu(resample_separable(canon.array, canon.grid, g2, 1, cval=-1024), cfg.hu_window)
         prior2 = resample_separable(liver_prob1, g1, g2, 1, cval=0.0)
-        probs2 = self._predict_views(self.stage2, x2, prior2, cfg.stage2_views, notes)
-        return NetworkOutputs(ct, canon, g2, x2, prior2, probs2, list(warnings) + notes)
+        return canon, g2, x2, prior2, list(warnings) + notes
 
     def lesions_from(self, outputs: NetworkOutputs, progress: Progress | None = None,
                      classify: bool = True, keep_features: bool = False) -> SegmentationResult:
@@ -267,7 +340,8 @@ class LiverLesionEngine:
         ``keep_features``: the result also holds each lesion's classifier input (``lesion_features``), to fit
         a head on the masks the engine itself makes."""
         progress = progress or _no_progress
-        cfg = self.config
+        expert = self.experts[outputs.expert]
+        cfg = expert.config
         ct, canon, g2, x2, prior2, probs2 = (outputs.ct, outputs.canon, outputs.grid2, outputs.hu2, outputs.prior2,
                                              outputs.probs2)
         labels2 = probs2.argmax(0)
@@ -282,9 +356,9 @@ class LiverLesionEngine:
         keep, evidence2 = _lesion_candidates(instances2, n, lesion_prob2, liver_region, cfg)
 
         progress(0.6, f"Classifying {len(keep)} lesion(s)")
-        features2 = self._lesion_features(x2, prior2, instances2, keep) if classify else {}
+        features2 = self._lesion_features(x2, prior2, instances2, keep, expert) if classify else {}
         if classify:
-            type_probs2 = self._type_probabilities(features2)
+            type_probs2 = self._type_probabilities(features2, expert)
         else:
             type_probs2 = {int(k): dict.fromkeys(LESION_TYPES, 1 / len(LESION_TYPES)) for k in keep}
 
@@ -327,10 +401,11 @@ class LiverLesionEngine:
             messages.append("No liver lesions found.")
         progress(1.0, f"Done: liver {liver_ml:.0f} mL, {len(records)} lesion(s)")
         return SegmentationResult(liver_mask, instances, records, ct.ijk_to_ras.copy(), liver_ml, messages,
-                                  self.version, lesion_evidence=evidence, lesion_features=features)
+                                  self.version, lesion_evidence=evidence, lesion_features=features,
+                                  expert=outputs.expert)
 
     # ------------------------------------------------------------------------------------------
-    def _lesion_features(self, x2, prior2, instances2, lesion_ids) -> dict[int, torch.Tensor]:
+    def _lesion_features(self, x2, prior2, instances2, lesion_ids, expert: Expert) -> dict[int, torch.Tensor]:
         """The classifier head's input per lesion id: three orthogonal patches through the lesion, each
         summarised by descriptors (or encoder features) and stage 2's type probabilities inside the mask."""
         if len(lesion_ids) == 0:
@@ -363,18 +438,18 @@ class LiverLesionEngine:
                 ids = lesion_ids[start:start + 32]
                 vin = np.concatenate(inputs[start:start + 32])
                 vm = np.concatenate(masks[start:start + 32])
-                views = lesion_view_vectors(self.stage2, vin, vm, self.device, self.config.classifier_features)
+                views = lesion_view_vectors(expert.stage2, vin, vm, self.device, expert.config.classifier_features)
                 for lesion_id, vector in zip(ids, torch.cat(views, dim=1).float().cpu()):
                     out[int(lesion_id)] = vector
         return out
 
-    def _type_probabilities(self, features: dict[int, torch.Tensor]) -> dict[int, dict[str, float]]:
+    def _type_probabilities(self, features: dict[int, torch.Tensor], expert: Expert) -> dict[int, dict[str, float]]:
         """Calibrated type probabilities per lesion id from the classifier head."""
         if not features:
             return {}
         with torch.inference_mode():
             vectors = torch.stack(list(features.values())).to(self.device)
-            probs = self.classifier([vectors]).softmax(1).cpu().numpy()  # the views, already concatenated
+            probs = expert.classifier([vectors]).softmax(1).cpu().numpy()  # the views, already concatenated
         return {lesion_id: {t: float(v) for t, v in zip(LESION_TYPES, p)} for lesion_id, p in zip(features, probs)}
 
     def classify_lesion(self, ct: CTVolume, lesion_mask: np.ndarray) -> dict[str, float]:
@@ -398,7 +473,9 @@ class LiverLesionEngine:
         mask2 = (resample_separable(mask_c, canon.grid, g2, 1) > 0.5).astype(np.int32)
         if not mask2.any():
             mask2 = (resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0).astype(np.int32)
-        return self._type_probabilities(self._lesion_features(x2, prior2, mask2, np.array([1])))[1]
+        expert = self.experts[domain_gate.route(self.gate, self.acquisition_features(ct))] if self.gate \
+            else self.experts["parent"]
+        return self._type_probabilities(self._lesion_features(x2, prior2, mask2, np.array([1]), expert), expert)[1]
 
 
 def fill_holes_per_slice(mask):

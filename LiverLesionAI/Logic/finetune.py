@@ -14,6 +14,14 @@ error, as in the parent's training) with a share of original-domain
 phantom batches ("replay"), for the same reason. The loss is training.dice_ce_loss with
 training.lesion_pixel_weights (inverse lesion size).
 
+Domain gate (on by default, domain_gate): where the exported cases' acquisition (liver HU, noise) differs from
+the parent's training domain, measured on the guard phantoms, the fine-tuned stage 2 and head become a *site
+expert* stored beside the parent's untouched ones, and the gate sends each CT to one of them. The original domain
+then keeps the parent's networks (a few cases of a site whose liver enhances where the parent's lesions lie
+otherwise re-teach stage 2 at the original domain's cost: README, fine-tuning evidence). Where the gate cannot tell
+the two apart (e.g. a lesion look of the parent's own acquisition), stage 2 and the head are replaced under the
+guards below, as without a gate.
+
 Validation: some exported cases (at least one, chosen by case id, deterministic) are held out; after
 each epoch the real engine segments them and 12 original-domain guard phantoms; early stopping
 keeps the epoch with the best lesion Dice among those that lost neither lesion Dice nor detection F1
@@ -45,13 +53,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from . import domain_gate
 from . import export as export_mod
 from . import phantom as ph
 from .errors import InputError, LiverLesionAIError
 from .evaluation import aggregate, evaluate_case
 from .geometry import canonicalize, grid_bounds, resample_separable
 from .lesions import label_lesions
-from .model_io import load_model
+from .model_io import load_model, read_model_card
 from .networks import FILTER_OFF, STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, LesionClassifierHead, UNet2p5D
 from .preprocessing import VIEWS, canonical_grid, normalize_hu, to_view
 from .records import LESION_TYPES
@@ -130,6 +139,11 @@ class FinetuneSettings:
     # the lesion candidate thresholds (confidence, surface fraction) were tuned for the parent's
     # calibration; a changed stage 2 is re-tuned on the guard phantoms and held-out exported cases
     retune_candidate_filter: bool = True
+    # the fine-tuned stage 2 and head become a site expert beside the parent's, and a gate fitted on the
+    # exported cases' and the guard phantoms' acquisition (liver HU, noise) routes each CT (domain_gate):
+    # the parent's domain keeps the parent's networks. Always on when the parent has a gate. Without a
+    # liver in the exported cases or guard phantoms to measure, stage 2 is replaced as before.
+    domain_gate: bool = True
     seed: int = 0
 
     def to_dict(self):
@@ -341,7 +355,8 @@ def retuned_validation_metrics(engine, val_cases, guard, log=lambda m: None) -> 
     """``validation_metrics`` under lesion candidate thresholds re-tuned for the engine's current networks:
     chosen for detection F1 on the held-out exported cases and the guard phantoms together, set on the engine
     and returned with the metrics. One network pass per case serves both the choice and the measurement.
-    Without any candidate there is nothing to tune on: the thresholds stay and the tuning is None."""
+    Without any candidate, or without a true lesion among them, there is nothing to tune on: the thresholds stay
+    and the tuning is None. With a domain gate only the cases it sends to the adapted expert tune its filter."""
     current = engine.config.candidate_filter
     val = _loaded(val_cases)
     engine.config.set_candidate_filter(FILTER_OFF)  # every candidate
@@ -351,18 +366,44 @@ def retuned_validation_metrics(engine, val_cases, guard, log=lambda m: None) -> 
         engine.config.set_candidate_filter(current)
     unfiltered = [evaluate_case(result.as_prediction(), truth, ras, case_id=case_id)
                   for case_id, ras, truth, result in runs]
+    adapted = [engine.experts[run[3].expert] is engine.adapted for run in runs]  # all, without a gate
     tuning = choose_candidate_filter(evidence_of([(run[3].lesion_evidence, metrics)
-                                                  for run, metrics in zip(runs, unfiltered)]), log)
-    if tuning["candidates"] == 0:
+                                                  for run, metrics, own in zip(runs, unfiltered, adapted) if own]), log)
+    if tuning["candidates"] == 0 or tuning["validation_f1"] == 0:
+        # nothing to tune on: no candidate, or not one true lesion among them (every threshold ties at F1 0 and
+        # the most permissive would win: on one held-out case it let the site expert's false lesions through,
+        # detection F1 25 -> 2 on the shifted test cases; README, fine-tuning evidence)
         tuning = None
     engine.config.set_candidate_filter(tuning or current)
     chosen = engine.config.candidate_filter
-    results = [evaluate_case(filtered_prediction(result, chosen), truth, ras, case_id=case_id)
-               for case_id, ras, truth, result in runs]
+    # cases the gate sent to the parent expert were filtered by its own rule already
+    results = [evaluate_case(filtered_prediction(result, chosen) if own else result.as_prediction(), truth, ras,
+                             case_id=case_id) for (case_id, ras, truth, result), own in zip(runs, adapted)]
     metrics = _summary(results[:len(val)])
     if guard:
         metrics.update({GUARD_PREFIX + k: v for k, v in _summary(results[len(val):]).items()})
     return metrics, tuning
+
+
+def fit_domain_gate(engine, train_cases, val_cases, guard, log=lambda m: None) -> dict | None:
+    """The domain gate (domain_gate.fit_gate) from the engine's acquisition features of the exported training
+    cases and of the original-domain guard phantoms, with how it routes them and the held-out cases. None when
+    either side has no liver to measure, or when the gate does not tell them apart (domain_gate.separates):
+    exported cases of the parent's own acquisition, e.g. a lesion look it handles poorly."""
+    site = [engine.acquisition_features(c.load_image()) for c in train_cases]
+    parent = [engine.acquisition_features(ct) for _, ct, _ in guard]
+    gate = domain_gate.fit_gate(site, parent)
+    if gate is None:
+        return None
+    held_out = [engine.acquisition_features(c.load_image()) for c in val_cases]
+    routed = {name: [domain_gate.route(gate, f) == "site" for f in feats]
+              for name, feats in (("exported_training", site), ("exported_held_out", held_out),
+                                  ("original_domain_guard", parent))}
+    gate["routed_to_site"] = {name: f"{sum(r)}/{len(r)}" for name, r in routed.items()}
+    if not domain_gate.separates(routed["exported_training"], routed["original_domain_guard"]):
+        log(f"domain gate not used: it does not tell the exported cases from the parent's domain {gate}")
+        return None
+    return gate
 
 
 def _engine_with(engine, stage2_state, head_state):
@@ -571,13 +612,15 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
     def part(prefix):
         return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
+    parent_gated = bool(card["architecture"].get("domain_gate"))
+    adapted = "site." if parent_gated else ""  # a gated parent's site expert is what is fine-tuned further
     net = UNet2p5D(cfg.stage2)
-    net.load_state_dict(part("stage2"))
+    net.load_state_dict(part(adapted + "stage2"))
     net.to(device)
     head = LesionClassifierHead(cfg)
-    head.load_state_dict(part("classifier"))
+    head.load_state_dict(part(adapted + "classifier"))
 
-    engine, guard = None, ()
+    engine, guard, gate = None, (), None
     parent_metrics, selection_baseline, validation_seconds = {}, {}, 0.0
     parent_filter, best_filter = None, None  # the parent's candidate filter; the one tuned for the best epoch
 
@@ -597,6 +640,15 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         guard = guard_phantoms(settings.guard_cases, settings.guard_max_in_plane)
         parent_metrics = validation_metrics(engine, val_cases, guard)  # the parent as it runs
         log(f"parent {parent_version} validation: {parent_metrics}")
+        if settings.domain_gate or parent_gated:
+            report(0.09, "Fitting the domain gate on the cases' acquisition", "validate")
+            gate = fit_domain_gate(engine, train_cases, val_cases, guard, log)
+            log(f"domain gate: {gate}")
+            if gate and not parent_gated:
+                engine.add_site_expert(gate)  # a copy of the parent's until trained: the same outputs
+            elif gate:
+                engine.gate = gate
+            gate = engine.gate
         parent_filter = engine.config.candidate_filter
         # every epoch is measured with a candidate filter re-tuned for it, so the parent is too: the
         # parent's own filter was tuned on the guard phantoms for its calibration, and any change of
@@ -606,6 +658,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         validation_seconds = time.time() - t0  # what each epoch's validation costs
         log(f"parent {parent_version} with a re-tuned filter: {selection_baseline}")
     best_score = _broadcast_float(_selection_score(selection_baseline), world, device)
+    gated = _broadcast_float(float(bool(gate)), world, device) > 0.5  # every rank trains alike
     teacher = None
     if settings.distill_weight > 0 and settings.replay_fraction > 0:
         teacher = copy.deepcopy(net).eval()
@@ -633,8 +686,11 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         if n_epochs <= 0:
             continue
         bad_epochs = 0
-        if phase == "B":
-            net.load_state_dict(best_state)  # phase B continues from the best weights so far
+        if phase == "B" and not gated:
+            # phase B continues from the best weights so far; behind a gate from phase A's last ones (the original
+            # domain keeps the parent's networks, and one held-out case that no phase-A epoch improved threw
+            # phase A away: README, fine-tuning evidence)
+            net.load_state_dict(best_state)
         _set_phase(net, phase, settings.unfreeze_from_stage, settings.freeze_norm_statistics)
         groups = [{"params": [p for p in net.decoder.parameters()], "lr": settings.lr}]
         enc = [p for p in net.encoder.parameters() if p.requires_grad]
@@ -734,14 +790,16 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         set_up_new()
         feats, labels = exported_lesion_samples(engine, train_cases, settings.classifier_engine_passes, rng)
         log(f"classifier: {len(labels)} lesion samples from the exported cases")
-        if settings.classifier_replay and guard and len(labels):
+        if settings.classifier_replay and guard and len(labels) and not gate:
             check_cancel()
             rf, rl, _, _ = engine_lesion_samples(engine, guard, log=lambda m: None)
             feats, labels = torch.cat([feats, rf]), torch.cat([labels, rl])
         new_head = refit_head(head, feats, labels, settings.classifier_epochs, settings.seed)
         check_cancel()
         classifier_guard = None
-        if settings.classifier_guard_lesions:
+        if gate:  # the original domain runs the parent's head: the gate, measured below, is its guard
+            classifier_guard = {"kept": "refit", "masks": "engine", "reason": "domain gate"}
+        elif settings.classifier_guard_lesions:
             report(0.9, "Checking the classifier on original-domain lesions", "classifier")
             # the parent model's own lesions are needed only where stage 2 changed
             variants = (set_up_new, set_up_parent) if best_epoch > 0 else (set_up_new,)
@@ -777,16 +835,21 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             new_metrics["original_domain_classifier_accuracy"] = classifier_guard["kept_head"]
         check_cancel()
         new_state = dict(state)
-        new_state.update({f"stage2.{k}": v.detach().cpu() for k, v in net.state_dict().items()})
-        new_state.update({f"classifier.{k}": v.detach().cpu() for k, v in new_head.state_dict().items()})
+        prefix = "site." if gate else ""
+        new_state.update({f"{prefix}stage2.{k}": v.detach().cpu() for k, v in net.state_dict().items()})
+        new_state.update({f"{prefix}classifier.{k}": v.detach().cpu() for k, v in new_head.state_dict().items()})
         new_card = {k: v for k, v in card.items() if k in ("name", "architecture", "generator_version", "seeds")}
-        if candidate_filter:
+        if gate:  # the parent expert's rule stays; the site expert's is its own
+            new_card["architecture"] = {**card["architecture"], "domain_gate": gate,
+                                        "site_candidate_filter": dict(new_filter)}
+        elif candidate_filter:
             new_card["architecture"] = {**card["architecture"], **{k: candidate_filter[k] for k in FILTER_OFF}}
         new_card.update({
             "dataset_manifest_sha256": manifest_sha,
             "hyperparameters": {**settings.to_dict(), "device": str(device), "world_size": world,
                                 "best_epoch": best_epoch, "stage2_weight": stage2_weight if best_epoch else 0.0,
                                 "stage1": "kept from parent",
+                                "stage2": "site expert behind a domain gate" if gate else "replaced",
                                 "loss": "Dice + inverse-lesion-size weighted CE"},
             "training_cases": [c.case_id for c in train_cases],
             "validation": {"cases": [c.case_id for c in val_cases], "parent": parent_metrics, "new": new_metrics,
@@ -885,6 +948,13 @@ def _comparison_text(registry, version):
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         flag = "  WORSE" if m in c.worse_metrics else ""
         lines.append(f"  {m:<15} {fmt(before)} -> {fmt(after)}{flag}")
+    gate = (read_model_card(registry.model_dir(version)).get("architecture") or {}).get("domain_gate")
+    if gate:
+        routed = gate.get("routed_to_site", {})
+        lines.append("Domain gate: CTs like the exported cases run the fine-tuned networks, others the parent's "
+                     f"(exported cases to the fine-tuned: {routed.get('exported_training', '?')} training, "
+                     f"{routed.get('exported_held_out', '?')} held out; original-domain phantoms: "
+                     f"{routed.get('original_domain_guard', '?')}).")
     if c.worse:
         lines.append("Warning: the new version is worse than its parent on some validation metric.")
     lines.append(f"Not active. Use it with: liverlesionai models activate {version}")

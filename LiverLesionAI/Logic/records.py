@@ -104,6 +104,7 @@ class SegmentationResult:
     lesion_evidence: dict[int, dict[str, float]] = field(default_factory=dict)
     # lesion id -> the classifier head's input (engine.lesions_from(..., keep_features=True) only)
     lesion_features: dict[int, object] = field(default_factory=dict)
+    expert: str = "parent"  # the stage-2 expert that ran: "parent", or "site" in a fine-tuned version (domain_gate)
 
     def as_prediction(self) -> dict:
         """The masks and types in the form evaluation.evaluate_case compares with ground truth."""

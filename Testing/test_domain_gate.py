@@ -12,6 +12,7 @@ import torch
 
 from liverlesionai import domain_gate
 from liverlesionai.engine import LiverLesionEngine
+from liverlesionai.errors import ModelFileError
 from liverlesionai.model_io import load_model, save_model
 from liverlesionai.phantom import generate_phantom_ct
 
@@ -84,3 +85,10 @@ def test_engine_runs_each_ct_through_the_expert_the_gate_picks(shipped_model_dir
     assert np.array_equal(parent_result.lesion_instances, by_parent.lesion_instances)
     assert [r.probabilities for r in parent_result.lesions] == [r.probabilities for r in by_parent.lesions]
     assert json.loads((to_site / "model_card.json").read_text())["architecture"]["domain_gate"]["site"] == here
+
+    # a card with a gate but no site filter is a clear model error, not a KeyError
+    state, card = load_model(to_site)
+    del card["architecture"]["site_candidate_filter"]
+    save_model(tmp_path / "broken", state, {k: v for k, v in card.items() if k != "weights_sha256"})
+    with pytest.raises(ModelFileError, match="site_candidate_filter"):
+        LiverLesionEngine(tmp_path / "broken", device="cpu")

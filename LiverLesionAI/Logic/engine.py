@@ -129,7 +129,11 @@ class LiverLesionEngine:
         parts = {"stage1": self.stage1, "stage2": self.stage2, "classifier": self.classifier}
         if self.gate:  # a fine-tuned version with a site expert (domain_gate)
             site = self.add_site_expert(self.gate)
-            site.config.set_candidate_filter(card["architecture"]["site_candidate_filter"])
+            try:
+                site.config.set_candidate_filter(card["architecture"]["site_candidate_filter"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise ModelFileError(f"Model card of {self.model_dir} has a domain gate but no usable "
+                                     f"site_candidate_filter ({error!r}).") from error
             parts.update({"site.stage2": site.stage2, "site.classifier": site.classifier})
         for prefix, net in parts.items():
             sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}

@@ -142,7 +142,8 @@ class FinetuneSettings:
     # the fine-tuned stage 2 and head become a site expert beside the parent's, and a gate fitted on the
     # exported cases' and the guard phantoms' acquisition (liver HU, noise) routes each CT (domain_gate):
     # the parent's domain keeps the parent's networks. Always on when the parent has a gate. Without a
-    # liver in the exported cases or guard phantoms to measure, stage 2 is replaced as before.
+    # liver in the exported cases or guard phantoms to measure, or where the gate does not tell them apart
+    # (domain_gate.separates), stage 2 and the head are replaced under the guards as before.
     domain_gate: bool = True
     seed: int = 0
 

@@ -20,7 +20,6 @@ FEATURES = ("liver_median_hu", "liver_noise_hu")
 # spreads never below these: 4-5 exported cases do not estimate a spread, and two scans of one protocol
 # still differ by a few HU of enhancement and noise
 MIN_SPREAD = {"liver_median_hu": 8.0, "liver_noise_hu": 3.0}
-EXPERTS = ("parent", "site")
 LIVER_EROSION_MM = 5.0  # away from the liver's edge (partial volume with fat and vessels)
 MIN_INTERIOR_VOXELS = 500
 

@@ -521,9 +521,13 @@ def test_finetune_behind_a_domain_gate_keeps_the_parent_for_its_own_domain(shipp
     registry = ModelRegistry(tmp_path / "registry", shipped_dir=shipped_model_dir)
     settings = FinetuneSettings(epochs_frozen=1, epochs_unfrozen=0, steps_per_epoch=1, batch=2, crop=32,
                                 replay_fraction=0.0, classifier_epochs=5, classifier_engine_passes=1,
-                                guard_cases=2, guard_max_in_plane=128, min_heldout_gain=-1.0)
+                                guard_cases=2, guard_max_in_plane=128, min_heldout_gain=-1.0,
+                                site_validation_phantoms=1, site_head_phantoms=1)
     version = finetune(dataset, registry, None, settings, "cpu")
     card = json.loads((registry.model_dir(version) / "model_card.json").read_text())
+    site_phantoms = card["site_phantom_domain"]  # read from the one training case: 60-80 HU, noise 25-35
+    assert 50 <= site_phantoms["liver_hu"][0] < site_phantoms["liver_hu"][1] <= 90
+    assert site_phantoms["noise_hu"][0] > 15  # the default domain's noise is 6-22 HU
     gate = card["architecture"]["domain_gate"]
     assert gate["routed_to_site"] == {"exported_training": "1/1", "exported_held_out": "1/1",
                                       "original_domain_guard": "0/2"}
@@ -531,7 +535,8 @@ def test_finetune_behind_a_domain_gate_keeps_the_parent_for_its_own_domain(shipp
     assert set(card["architecture"]["site_candidate_filter"]) == {"min_lesion_confidence", "max_surface_fraction"}
     assert card["hyperparameters"]["stage2"] == "site expert behind a domain gate"
     assert card["classifier_guard"]["reason"] == "domain gate"
-    assert "Domain gate:" in version_summary(version, registry)[0]  # what the panel and the CLI show
+    summary = version_summary(version, registry)[0]  # what the panel and the CLI show
+    assert "Domain gate:" in summary and "phantoms of the exported cases' acquisition" in summary
     shipped_state, new_state = load_model(shipped_model_dir)[0], load_model(registry.model_dir(version))[0]
     assert all(torch.equal(v, new_state[k]) for k, v in shipped_state.items())  # the parent expert, untouched
     assert {k[len("site."):] for k in new_state if k.startswith("site.")} == \

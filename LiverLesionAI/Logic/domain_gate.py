@@ -27,17 +27,21 @@ MIN_INTERIOR_VOXELS = 500
 def acquisition_features(hu: np.ndarray, liver: np.ndarray, spacing_mm: float) -> dict | None:
     """Median HU and noise (HU) of the liver interior; None when too little liver to measure.
 
-    ``hu``: a CT on an isotropic grid (k, j, i), ``liver``: a boolean mask on it. Noise: the robust spread
-    (median absolute deviation) of in-plane neighbour differences, / sqrt(2), so texture and edges count little.
+    ``hu``: a CT on an isotropic grid (k, j, i), ``liver``: a boolean mask on it. Noise: ``voxel_noise_hu``.
     """
     interior = ndimage.binary_erosion(liver, iterations=max(1, int(round(LIVER_EROSION_MM / spacing_mm))))
     if interior.sum() < MIN_INTERIOR_VOXELS:
         return None
-    values = hu[interior]
-    both = interior[:, :, 1:] & interior[:, :, :-1]
+    return {"liver_median_hu": float(np.median(hu[interior])), "liver_noise_hu": voxel_noise_hu(hu, interior)}
+
+
+def voxel_noise_hu(hu: np.ndarray, region: np.ndarray) -> float:
+    """Voxel noise (HU) inside ``region`` of a (k, j, i) CT: the robust spread (median absolute deviation) of
+    neighbour differences along i, / sqrt(2), so texture and edges count little."""
+    both = region[:, :, 1:] & region[:, :, :-1]
     diffs = (hu[:, :, 1:] - hu[:, :, :-1])[both]
     mad = np.median(np.abs(diffs - np.median(diffs)))
-    return {"liver_median_hu": float(np.median(values)), "liver_noise_hu": float(1.4826 * mad / math.sqrt(2))}
+    return float(1.4826 * mad / math.sqrt(2))
 
 
 def _gaussian(samples: list[dict]) -> dict:

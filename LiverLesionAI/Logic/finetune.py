@@ -56,6 +56,7 @@ from scipy import ndimage
 from . import domain_gate
 from . import export as export_mod
 from . import phantom as ph
+from . import site_domain
 from .errors import InputError, LiverLesionAIError
 from .evaluation import aggregate, evaluate_case
 from .geometry import canonicalize, grid_bounds, resample_separable
@@ -77,6 +78,8 @@ assert export_mod.LABELS["liver"] == STAGE2_LIVER
 CROP_MARGIN_MM = 40.0  # context kept around the liver for crops
 REPLAY_SEED_BASE = TRAIN_SEED_BASE + 700_000  # original-domain phantoms for replay (not test/validation seeds)
 CLASSIFIER_GUARD_SEED_OFFSET = 100_000  # validation seeds beyond the guard phantoms and the tuning cases
+SITE_VALIDATION_SEED_OFFSET = 200_000  # site-matched phantoms (site_domain) for validation, then the head
+SITE_HEAD_SEED_OFFSET = 210_000
 
 
 class FinetuneCancelled(LiverLesionAIError):
@@ -145,6 +148,16 @@ class FinetuneSettings:
     # liver in the exported cases or guard phantoms to measure, or where the gate does not tell them apart
     # (domain_gate.separates), stage 2 and the head are replaced under the guards as before.
     domain_gate: bool = True
+    # behind a gate, phantoms of the site's acquisition (site_domain: liver HU, noise, lesion contrast measured in
+    # the exported cases) take the original-domain replay's place (and distillation, which pulls towards the
+    # parent, is off): site_replay_fraction of the training batches, site_validation_phantoms join the held-out
+    # cases in choosing the epoch and tuning the site expert's candidate filter, site_head_phantoms' lesions join
+    # the exported ones in re-fitting the head. With one held-out case the filter was tuned to let ~40 false
+    # lesions a case through and detection F1 fell to 3 on the shifted test cases (README, fine-tuning evidence)
+    site_phantoms: bool = True
+    site_replay_fraction: float = 0.5
+    site_validation_phantoms: int = 8
+    site_head_phantoms: int = 12
     seed: int = 0
 
     def to_dict(self):
@@ -352,14 +365,15 @@ def _selection_score(metrics, parent_metrics=None, max_guard_drop=0.02, min_gain
     return score
 
 
-def retuned_validation_metrics(engine, val_cases, guard, log=lambda m: None) -> tuple[dict, dict | None]:
+def retuned_validation_metrics(engine, val, guard, log=lambda m: None) -> tuple[dict, dict | None]:
     """``validation_metrics`` under lesion candidate thresholds re-tuned for the engine's current networks:
-    chosen for detection F1 on the held-out exported cases and the guard phantoms together, set on the engine
+    chosen for detection F1 on the validation cases (``val``: (case id, CTVolume, truth) triples of the held-out
+    exported cases and any site-matched phantoms) and the guard phantoms together, set on the engine
     and returned with the metrics. One network pass per case serves both the choice and the measurement.
     Without any candidate, or without a true lesion among them, there is nothing to tune on: the thresholds stay
     and the tuning is None. With a domain gate only the cases it sends to the adapted expert tune its filter."""
     current = engine.config.candidate_filter
-    val = _loaded(val_cases)
+    val = list(val)
     engine.config.set_candidate_filter(FILTER_OFF)  # every candidate
     try:
         runs = [(case_id, ct.ijk_to_ras, truth, engine.segment(ct)) for case_id, ct, truth in val + list(guard)]
@@ -405,6 +419,29 @@ def fit_domain_gate(engine, train_cases, val_cases, guard, log=lambda m: None) -
         log(f"domain gate not used: it does not tell the exported cases from the parent's domain {gate}")
         return None
     return gate
+
+
+def estimate_site_domain(train_cases, guard) -> dict | None:
+    """The phantom domain of the exported training cases' acquisition (site_domain.estimate_domain), read
+    through the guard phantoms (validation seeds upwards, in order: guard_phantoms) whose parameters are known."""
+    site = [site_domain.case_appearance(ct.voxels, truth["liver_mask"], truth["lesion_instances"], ct.spacing)
+            for _, ct, truth in _loaded(train_cases)]
+    reference = []
+    for seed, (_, ct, truth) in enumerate(guard, start=VALIDATION_SEED_BASE):
+        drawn = ph.make_phantom(seed)
+        appearance = site_domain.case_appearance(ct.voxels, truth["liver_mask"], truth["lesion_instances"], ct.spacing)
+        reference.append((appearance, {"liver_hu": drawn.liver_hu, "noise_hu": drawn.noise_hu}))
+    return site_domain.estimate_domain(site, reference)
+
+
+def _broadcast_object(value, world):
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def _engine_with(engine, stage2_state, head_state):
@@ -621,16 +658,17 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
     head = LesionClassifierHead(cfg)
     head.load_state_dict(part(adapted + "classifier"))
 
-    engine, guard, gate = None, (), None
+    engine, guard, gate, site_phantom_domain = None, (), None, None
     parent_metrics, selection_baseline, validation_seconds = {}, {}, 0.0
     parent_filter, best_filter = None, None  # the parent's candidate filter; the one tuned for the best epoch
+    selection_cases, selection_guard = [], ()  # what each epoch is chosen and its filter tuned on
 
     def tuned_validation(eng):
         """Validation metrics with the candidate filter re-tuned for ``eng``'s networks (when enabled;
         the parent's filter stays where there is nothing to tune on)."""
         eng.config.set_candidate_filter(parent_filter)
         if settings.retune_candidate_filter:
-            return retuned_validation_metrics(eng, val_cases, guard)
+            return retuned_validation_metrics(eng, selection_cases, selection_guard)
         return validation_metrics(eng, val_cases, guard), None
 
     if is_main:
@@ -650,6 +688,18 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             elif gate:
                 engine.gate = gate
             gate = engine.gate
+        selection_cases, selection_guard = _loaded(val_cases), guard
+        if gate:
+            # the gate sends every guard phantom to the parent's networks, which do not change: measured once
+            selection_guard = ()
+            if settings.site_phantoms:
+                site_phantom_domain = replay_domain or estimate_site_domain(train_cases, guard)
+                log(f"site-matched phantom domain: {site_phantom_domain}")
+            if site_phantom_domain:
+                report(0.09, "Drawing phantoms of the site's acquisition", "validate")
+                selection_cases += list(fresh_phantom_cases(
+                    VALIDATION_SEED_BASE + SITE_VALIDATION_SEED_OFFSET, settings.site_validation_phantoms,
+                    settings.guard_max_in_plane, site_phantom_domain))
         parent_filter = engine.config.candidate_filter
         # every epoch is measured with a candidate filter re-tuned for it, so the parent is too: the
         # parent's own filter was tuned on the guard phantoms for its calibration, and any change of
@@ -660,8 +710,13 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         log(f"parent {parent_version} with a re-tuned filter: {selection_baseline}")
     best_score = _broadcast_float(_selection_score(selection_baseline), world, device)
     gated = _broadcast_float(float(bool(gate)), world, device) > 0.5  # every rank trains alike
+    site_phantom_domain = _broadcast_object(site_phantom_domain, world)
+    # behind a gate the replay draws the site's acquisition, or nothing: the original domain's phantoms teach
+    # the site expert the parent's HU, which the gate keeps for the parent's networks
+    replay_fraction = settings.replay_fraction if not gated else \
+        settings.site_replay_fraction if site_phantom_domain else 0.0
     teacher = None
-    if settings.distill_weight > 0 and settings.replay_fraction > 0:
+    if settings.distill_weight > 0 and replay_fraction > 0 and not gated:
         teacher = copy.deepcopy(net).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -671,8 +726,8 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
 
     rng = np.random.default_rng(settings.seed * 1000 + rank)
     torch.manual_seed(settings.seed * 1000 + rank)
-    replay = PhantomSource(REPLAY_SEED_BASE + 10_000 * rank, reuse=2, domain=replay_domain) \
-        if settings.replay_fraction > 0 else None
+    replay = PhantomSource(REPLAY_SEED_BASE + 10_000 * rank, reuse=2,
+                           domain=site_phantom_domain if gated else replay_domain) if replay_fraction > 0 else None
     total_epochs = settings.epochs_frozen + settings.epochs_unfrozen
     total_steps = total_epochs * settings.steps_per_epoch
     step_done, epoch, bad_epochs, history = 0, 0, 0, []
@@ -715,7 +770,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                 k = e * settings.steps_per_epoch + s
                 for g, base in zip(optimizer.param_groups, base_lrs):  # cosine within the phase
                     g["lr"] = base * 0.5 * (1 + math.cos(math.pi * k / phase_steps))
-                if replay is not None and rng.random() < settings.replay_fraction:
+                if replay is not None and rng.random() < replay_fraction:
                     batch = stage2_batch(replay, cfg, rng, settings.batch, settings.crop, per_block=2)
                     loss = train_step(model, optimizer, batch, device, teacher, settings.distill_weight)
                 else:
@@ -791,9 +846,14 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         set_up_new()
         feats, labels = exported_lesion_samples(engine, train_cases, settings.classifier_engine_passes, rng)
         log(f"classifier: {len(labels)} lesion samples from the exported cases")
-        if settings.classifier_replay and guard and len(labels) and not gate:
+        # replayed lesions: the original domain's (the guard phantoms'), or behind a gate the site's acquisition's
+        replayed = guard if not gate else () if not site_phantom_domain else fresh_phantom_cases(
+            VALIDATION_SEED_BASE + SITE_HEAD_SEED_OFFSET, settings.site_head_phantoms, settings.guard_max_in_plane,
+            site_phantom_domain)
+        if settings.classifier_replay and len(labels):
             check_cancel()
-            rf, rl, _, _ = engine_lesion_samples(engine, guard, log=lambda m: None)
+            rf, rl, _, _ = engine_lesion_samples(engine, replayed, log=lambda m: None)
+            log(f"classifier: {len(rl)} replayed lesion samples")
             feats, labels = torch.cat([feats, rf]), torch.cat([labels, rl])
         new_head = refit_head(head, feats, labels, settings.classifier_epochs, settings.seed)
         check_cancel()
@@ -858,6 +918,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             "finetune_history": history,
             "classifier_guard": classifier_guard,
             "candidate_filter_tuning": candidate_filter,
+            "site_phantom_domain": site_phantom_domain,
         })
         report(0.97, "Saving the new model version", "save")
         version = registry.add_version(new_state, new_card, parent_version)
@@ -926,7 +987,7 @@ def cmd_finetune(args):
         if value is not None:
             setattr(settings, name, value)
     if args.no_replay:
-        settings.replay_fraction, settings.classifier_replay = 0.0, False
+        settings.replay_fraction, settings.site_replay_fraction, settings.classifier_replay = 0.0, 0.0, False
     if args.progress_json:
         def progress(p):
             print(p.to_json(), flush=True)
@@ -949,13 +1010,21 @@ def _comparison_text(registry, version):
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         flag = "  WORSE" if m in c.worse_metrics else ""
         lines.append(f"  {m:<15} {fmt(before)} -> {fmt(after)}{flag}")
-    gate = (read_model_card(registry.model_dir(version)).get("architecture") or {}).get("domain_gate")
+    card = read_model_card(registry.model_dir(version))
+    gate = (card.get("architecture") or {}).get("domain_gate")
     if gate:
         routed = gate.get("routed_to_site", {})
         lines.append("Domain gate: CTs like the exported cases run the fine-tuned networks, others the parent's "
                      f"(exported cases to the fine-tuned: {routed.get('exported_training', '?')} training, "
                      f"{routed.get('exported_held_out', '?')} held out; original-domain phantoms: "
                      f"{routed.get('original_domain_guard', '?')}).")
+    site_phantoms = card.get("site_phantom_domain")
+    if site_phantoms:
+        contrast = site_phantoms.get("lesion_contrast_scale")
+        lines.append("Trained and checked also on phantoms of the exported cases' acquisition: liver "
+                     f"{site_phantoms['liver_hu'][0]:.0f}-{site_phantoms['liver_hu'][1]:.0f} HU, noise "
+                     f"{site_phantoms['noise_hu'][0]:.0f}-{site_phantoms['noise_hu'][1]:.0f} HU"
+                     + (f", lesion contrast x{contrast:.2f}." if contrast else "."))
     if c.worse:
         lines.append("Warning: the new version is worse than its parent on some validation metric.")
     lines.append(f"Not active. Use it with: liverlesionai models activate {version}")

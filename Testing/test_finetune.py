@@ -528,6 +528,9 @@ def test_finetune_behind_a_domain_gate_keeps_the_parent_for_its_own_domain(shipp
     site_phantoms = card["site_phantom_domain"]  # read from the one training case: 60-80 HU, noise 25-35
     assert 50 <= site_phantoms["liver_hu"][0] < site_phantoms["liver_hu"][1] <= 90
     assert site_phantoms["noise_hu"][0] > 15  # the default domain's noise is 6-22 HU
+    # the site-matched validation phantom is measured for both versions, beside the held-out case
+    assert {"site_phantom_lesion_dice", "site_phantom_detection_f1"} <= set(card["validation"]["parent"]) & \
+        set(card["validation"]["new"])
     gate = card["architecture"]["domain_gate"]
     assert gate["routed_to_site"] == {"exported_training": "1/1", "exported_held_out": "1/1",
                                       "original_domain_guard": "0/2"}

@@ -314,6 +314,7 @@ def _truth_from_label(label):
 
 
 GUARD_PREFIX = "original_domain_"  # metric names of the original-domain guard in the model card
+SITE_PHANTOM_PREFIX = "site_phantom_"  # and of the site-matched validation phantoms (site_domain)
 
 
 def _summary(results) -> dict:
@@ -331,14 +332,17 @@ def _loaded(val_cases):
 def validation_metrics(engine, cases, guard=()) -> dict:
     """Engine output vs. truth on the held-out exported cases, plus ``original_domain_*`` metrics on the
     guard phantoms ((case id, CTVolume, truth) triples)."""
-    def measured(triples):
-        return _summary([evaluate_case(engine.segment(ct).as_prediction(), truth, ct.ijk_to_ras, case_id=case_id)
-                         for case_id, ct, truth in triples])
-
-    metrics = measured(_loaded(cases))
+    metrics = measured_metrics(engine, _loaded(cases))
     if guard:
-        metrics.update({GUARD_PREFIX + k: v for k, v in measured(guard).items()})
+        metrics.update(measured_metrics(engine, guard, GUARD_PREFIX))
     return metrics
+
+
+def measured_metrics(engine, triples, prefix="") -> dict:
+    """Summary metrics of ``engine``'s results on (case id, CTVolume, truth) triples, names prefixed."""
+    return {prefix + k: v for k, v in _summary([
+        evaluate_case(engine.segment(ct).as_prediction(), truth, ct.ijk_to_ras, case_id=case_id)
+        for case_id, ct, truth in triples]).items()}
 
 
 def guard_phantoms(n, max_in_plane):
@@ -662,6 +666,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
     parent_metrics, selection_baseline, validation_seconds = {}, {}, 0.0
     parent_filter, best_filter = None, None  # the parent's candidate filter; the one tuned for the best epoch
     selection_cases, selection_guard = [], ()  # what each epoch is chosen and its filter tuned on
+    site_validation = []  # site-matched phantoms (behind a gate)
 
     def tuned_validation(eng):
         """Validation metrics with the candidate filter re-tuned for ``eng``'s networks (when enabled;
@@ -697,9 +702,12 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                 log(f"site-matched phantom domain: {site_phantom_domain}")
             if site_phantom_domain:
                 report(0.09, "Drawing phantoms of the site's acquisition", "validate")
-                selection_cases += list(fresh_phantom_cases(
+                site_validation = list(fresh_phantom_cases(
                     VALIDATION_SEED_BASE + SITE_VALIDATION_SEED_OFFSET, settings.site_validation_phantoms,
                     settings.guard_max_in_plane, site_phantom_domain))
+                selection_cases += site_validation
+                # shown beside the held-out cases: one or two of those say little (README, fine-tuning evidence)
+                parent_metrics.update(measured_metrics(engine, site_validation, SITE_PHANTOM_PREFIX))
         parent_filter = engine.config.candidate_filter
         # every epoch is measured with a candidate filter re-tuned for it, so the parent is too: the
         # parent's own filter was tuned on the guard phantoms for its calibration, and any change of
@@ -891,6 +899,8 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         new_engine.config.set_candidate_filter(new_filter)
         report(0.92, "Measuring the new model on the validation cases", "validate")
         new_metrics = validation_metrics(new_engine, val_cases, guard)
+        if site_validation:
+            new_metrics.update(measured_metrics(new_engine, site_validation, SITE_PHANTOM_PREFIX))
         if classifier_guard and "kept_head" in classifier_guard:  # compared and warned on like the other metrics
             parent_metrics["original_domain_classifier_accuracy"] = classifier_guard["parent_model"]
             new_metrics["original_domain_classifier_accuracy"] = classifier_guard["kept_head"]

@@ -302,6 +302,11 @@ def test_selection_never_prefers_an_epoch_that_forgot_the_original_domain():
     barely = {**kept, "lesion_dice": 0.205}
     assert _selection_score(barely, parent, 0.02, min_gain=0.01) < _selection_score(parent)
     assert _selection_score(kept, parent, 0.02, min_gain=0.01) == score(kept) > _selection_score(parent)
+    # behind a gate detection F1 counts beside lesion Dice: more overlap on fewer lesions need not win
+    overlap, finds = {**kept, "lesion_dice": 0.45, "detection_f1": 0.15}, {**kept, "detection_f1": 0.30}
+    assert score(overlap) > score(finds)
+    assert _selection_score(finds, parent, 0.02, detection_weight=1.0) > \
+        _selection_score(overlap, parent, 0.02, detection_weight=1.0)
 
 
 def test_classifier_guard_keeps_the_most_adapted_head_that_remembers():

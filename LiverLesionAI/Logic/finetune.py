@@ -158,6 +158,9 @@ class FinetuneSettings:
     site_replay_fraction: float = 0.5
     site_validation_phantoms: int = 8
     site_head_phantoms: int = 12
+    # behind a gate the epoch is chosen on lesion Dice + this x detection F1 of the held-out cases and site
+    # phantoms: on lesion Dice alone the chosen site experts found fewer test lesions than the parent
+    site_detection_weight: float = 1.0
     seed: int = 0
 
     def to_dict(self):
@@ -353,12 +356,13 @@ def guard_phantoms(n, max_in_plane):
 GUARDED_METRICS = ("lesion_dice", "detection_f1")  # neither may fall on the original-domain guard
 
 
-def _selection_score(metrics, parent_metrics=None, max_guard_drop=0.02, min_gain=0.0):
+def _selection_score(metrics, parent_metrics=None, max_guard_drop=0.02, min_gain=0.0, detection_weight=0.0):
     """Early stopping on lesion Dice (liver Dice only breaks ties: few validation cases often tie at 0
     or 1); an epoch that lost more than ``max_guard_drop`` lesion Dice or detection F1 on the
     original-domain guard, or whose held-out lesion Dice is less than ``min_gain`` above the parent's,
     scores below any eligible one."""
-    score = metrics.get("lesion_dice", 0.0) + 0.01 * metrics.get("liver_dice", 0.0)
+    score = (metrics.get("lesion_dice", 0.0) + detection_weight * metrics.get("detection_f1", 0.0)
+             + 0.01 * metrics.get("liver_dice", 0.0))
     if parent_metrics and metrics.get("lesion_dice", 0.0) < parent_metrics.get("lesion_dice", 0.0) + min_gain:
         score -= 10.0
     for name in GUARDED_METRICS:
@@ -427,12 +431,12 @@ def fit_domain_gate(engine, train_cases, val_cases, guard, log=lambda m: None) -
 
 def estimate_site_domain(train_cases, guard) -> dict | None:
     """The phantom domain of the exported training cases' acquisition (site_domain.estimate_domain), read
-    through the guard phantoms (validation seeds upwards, in order: guard_phantoms) whose parameters are known."""
+    through the guard phantoms (guard_phantoms: ids "phantom_<seed>"), whose drawn parameters are known."""
     site = [site_domain.case_appearance(ct.voxels, truth["liver_mask"], truth["lesion_instances"], ct.spacing)
             for _, ct, truth in _loaded(train_cases)]
     reference = []
-    for seed, (_, ct, truth) in enumerate(guard, start=VALIDATION_SEED_BASE):
-        drawn = ph.make_phantom(seed)
+    for case_id, ct, truth in guard:
+        drawn = ph.make_phantom(int(case_id.rsplit("_", 1)[1]))
         appearance = site_domain.case_appearance(ct.voxels, truth["liver_mask"], truth["lesion_instances"], ct.spacing)
         reference.append((appearance, {"liver_hu": drawn.liver_hu, "noise_hu": drawn.noise_hu}))
     return site_domain.estimate_domain(site, reference)
@@ -616,7 +620,7 @@ def _set_phase(net: UNet2p5D, phase: str, unfreeze_from: int, freeze_norm_statis
 # ----------------------------------------------------------------------------------------------
 def finetune(dataset_dir, registry, parent_version: str | None = None, settings: FinetuneSettings | None = None,
              device="auto", progress: Callable[[Progress], None] | None = None,
-             cancel: Callable[[], bool] | None = None, log=lambda m: None, replay_domain=None) -> str | None:
+             cancel: Callable[[], bool] | None = None, log=lambda m: None) -> str | None:
     """Fine-tune ``parent_version`` (default: the active one) on an export dataset; returns the new
     version id (rank 0; other ranks return None). Raises FinetuneCancelled when cancelled."""
     settings = settings or FinetuneSettings()
@@ -698,7 +702,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             # the gate sends every guard phantom to the parent's networks, which do not change: measured once
             selection_guard = ()
             if settings.site_phantoms:
-                site_phantom_domain = replay_domain or estimate_site_domain(train_cases, guard)
+                site_phantom_domain = estimate_site_domain(train_cases, guard)
                 log(f"site-matched phantom domain: {site_phantom_domain}")
             if site_phantom_domain:
                 report(0.09, "Drawing phantoms of the site's acquisition", "validate")
@@ -716,8 +720,16 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         selection_baseline, _ = tuned_validation(engine)
         validation_seconds = time.time() - t0  # what each epoch's validation costs
         log(f"parent {parent_version} with a re-tuned filter: {selection_baseline}")
-    best_score = _broadcast_float(_selection_score(selection_baseline), world, device)
     gated = _broadcast_float(float(bool(gate)), world, device) > 0.5  # every rank trains alike
+    detection_weight = settings.site_detection_weight if gated else 0.0
+
+    def selection_score(metrics, guarded=True):
+        if not guarded:  # the held-out cases only
+            return _selection_score(metrics, detection_weight=detection_weight)
+        return _selection_score(metrics, selection_baseline, settings.max_guard_drop, settings.min_heldout_gain,
+                                detection_weight)
+
+    best_score = _broadcast_float(selection_score(selection_baseline, guarded=False), world, device)
     site_phantom_domain = _broadcast_object(site_phantom_domain, world)
     # behind a gate the replay draws the site's acquisition, or nothing: the original domain's phantoms teach
     # the site expert the parent's HU, which the gate keeps for the parent's networks
@@ -730,12 +742,12 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             p.requires_grad_(False)
     parent_stage2 = copy.deepcopy(net.state_dict())
     best_state, best_epoch, stage2_weight = copy.deepcopy(net.state_dict()), 0, 1.0
-    top_state, top_epoch, top_score = None, 0, _selection_score(selection_baseline)  # best held-out, unguarded
+    top_state, top_epoch, top_score = None, 0, selection_score(selection_baseline, guarded=False)  # best held-out
 
     rng = np.random.default_rng(settings.seed * 1000 + rank)
     torch.manual_seed(settings.seed * 1000 + rank)
     replay = PhantomSource(REPLAY_SEED_BASE + 10_000 * rank, reuse=2,
-                           domain=site_phantom_domain if gated else replay_domain) if replay_fraction > 0 else None
+                           domain=site_phantom_domain if gated else None) if replay_fraction > 0 else None
     total_epochs = settings.epochs_frozen + settings.epochs_unfrozen
     total_steps = total_epochs * settings.steps_per_epoch
     step_done, epoch, bad_epochs, history = 0, 0, 0, []
@@ -797,7 +809,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                 report(0.1 + 0.75 * step_done / total_steps, f"Validating epoch {epoch}", "validate", epoch=epoch)
                 metrics, tuning = tuned_validation(_engine_with(engine, net.state_dict(), head.state_dict()))
                 val_dice = metrics.get("lesion_dice", 0.0)
-                score = _selection_score(metrics, selection_baseline, settings.max_guard_drop, settings.min_heldout_gain)
+                score = selection_score(metrics)
                 history.append({"epoch": epoch, "phase": phase, "loss": loss_sum / settings.steps_per_epoch,
                                 **metrics, "candidate_filter": tuning and {k: tuning[k] for k in FILTER_OFF}})
                 log(f"epoch {epoch} phase {phase}: loss {loss_sum / settings.steps_per_epoch:.4f} val {metrics}")
@@ -806,8 +818,9 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             report(0.1 + 0.75 * step_done / total_steps, f"Epoch {epoch}: validation lesion Dice {val_dice:.3f}",
                    f"phase {phase}", epoch=epoch, loss=loss_sum / settings.steps_per_epoch, val_dice=val_dice,
                    eta_s=eta(total_epochs - epoch))
-            if is_main and _selection_score(metrics) > top_score + 1e-5:
-                top_state, top_epoch, top_score = copy.deepcopy(net.state_dict()), epoch, _selection_score(metrics)
+            unguarded = selection_score(metrics, guarded=False) if is_main else 0.0
+            if is_main and unguarded > top_score + 1e-5:
+                top_state, top_epoch, top_score = copy.deepcopy(net.state_dict()), epoch, unguarded
             if score > best_score + 1e-5:
                 best_score, best_state, best_epoch, bad_epochs = score, copy.deepcopy(net.state_dict()), epoch, 0
                 best_filter = tuning if is_main else None
@@ -826,7 +839,7 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
             history.append({"epoch": top_epoch, "phase": "blend", "stage2_weight": weight, **metrics,
                             "candidate_filter": tuning and {k: tuning[k] for k in FILTER_OFF}})
             log(f"stage 2 at {weight} of epoch {top_epoch}: val {metrics}")
-            return _selection_score(metrics, selection_baseline, settings.max_guard_drop, settings.min_heldout_gain), tuning
+            return selection_score(metrics), tuning
 
         chosen = first_passing_blend(parent_stage2, top_state, blend_score, best_score)
         if chosen:

@@ -131,6 +131,7 @@ class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rejectButton.connect("clicked(bool)", lambda: self.onReview(mrml.set_review_status, "rejected"))
         self.ui.undoReviewButton.connect("clicked(bool)", lambda: self.onReview(mrml.undo_review_status))
         self.ui.classifyButton.connect("clicked(bool)", self.onClassify)
+        self.ui.explainButton.connect("clicked(bool)", self.onExplain)
         self.ui.finetuneProgressBar.hide()
         self.ui.exportButton.connect("clicked(bool)", self.onExportCase)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
@@ -329,6 +330,23 @@ class LiverLesionAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateTable()
 
 
+    def onExplain(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not explain the lesion type."), waitCursor=True):
+            self.logic.ensureDependencies()
+            p = self._parameterNode
+            self.logic.startExplanation(p.inputVolume, p.segmentation, self._selectedSegmentId(), p.model, p.device,
+                                        self.onProgress, self.onExplained)
+            self.ui.progressBar.show()
+            self.ui.applyButton.enabled = self.ui.lesionsInLiverButton.enabled = self.ui.explainButton.enabled = False
+            self.ui.cancelButton.enabled = True
+
+    def onExplained(self, attributionNode, message):
+        self.ui.explainButton.enabled = True
+        if attributionNode is not None:
+            slicer.util.setSliceViewerLayers(foreground=attributionNode, foregroundOpacity=0.7)
+        self.onFinished(None, message)
+
+
 class LiverLesionAILogic(ScriptedLoadableModuleLogic):
     """Qt parts only: the worker process, dependency install, the engine for on-demand typing."""
 
@@ -400,7 +418,7 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
         """Segment & Classify in a background process; with ``liverSegmentation``, lesions are searched inside
         its reviewed liver (slicer_worker.write_liver_mask_for_worker) and the result is a new node."""
         if self.isRunning():
-            raise RuntimeError(_("A segmentation is already running."))
+            raise RuntimeError(_("A segmentation or explanation is already running."))
         self._workDir = tempfile.mkdtemp(prefix="LiverLesionAI-")
         try:
             ctPath = slicer_worker.write_volume_for_worker(volumeNode, self._workDir)
@@ -413,6 +431,40 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
                       if liverSegmentation is not None else None)
         args = slicer_worker.segment_command(ctPath, os.path.join(self._workDir, "out"), self.modelPath(version), device,
                                              liver_mask=maskPath)
+
+        def loadResult(outDir):
+            segNode = slicer_worker.load_worker_result(slicer.mrmlScene, volumeNode, outDir, resultName)
+            mrml.show_surfaces(segNode)
+            return segNode, _("Done: {0} lesion(s).").format(len(mrml.lesion_segment_ids(segNode)))
+
+        self._startWorker(args, onProgress, loadResult, onFinished)
+
+    def startExplanation(self, volumeNode, segNode, segmentId, version, device, onProgress, onFinished):
+        """Integrated-Gradients map of why stage 2 gives the (reviewed) lesion segment its type, in a background
+        process; onFinished(attribution volume node or None, message)."""
+        if self.isRunning():
+            raise RuntimeError(_("A segmentation or explanation is already running."))
+        lesionId, lesionType = mrml.explanation_target(segNode, segmentId)
+        self._workDir = tempfile.mkdtemp(prefix="LiverLesionAI-")
+        try:
+            ctPath = slicer_worker.write_volume_for_worker(volumeNode, self._workDir)
+            maskPath = slicer_worker.write_segment_mask_for_worker(segNode, segmentId, volumeNode, self._workDir)
+        except Exception:
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            raise
+        args = slicer_worker.explain_command(ctPath, maskPath, lesionId, lesionType, os.path.join(self._workDir, "out"),
+                                             self.modelPath(version), device)
+
+        def loadResult(outDir):
+            name = _("{0} lesion {1} {2} attribution").format(volumeNode.GetName(), lesionId, lesionType)
+            node = slicer_worker.load_worker_explanation(slicer.mrmlScene, outDir, name)
+            return node, _("Red: voxels that make stage 2 call lesion {0} {1}; blue: against.").format(lesionId, lesionType)
+
+        self._startWorker(args, onProgress, loadResult, onFinished)
+
+    def _startWorker(self, args, onProgress, loadResult, onFinished):
+        """Run the worker in ``self._workDir``; on success loadResult(output folder) -> (node, message) puts its
+        result in the scene. Cancelled or failed: the scene is unchanged. Then onFinished(node or None, message)."""
         self._process = process = qt.QProcess()
         process.setProcessChannelMode(qt.QProcess.MergedChannels)
         output, pending = [], [""]
@@ -427,21 +479,18 @@ class LiverLesionAILogic(ScriptedLoadableModuleLogic):
         def finished(exitCode, exitStatus):
             readOutput()
             output.append(pending[0])
-            segNode, message = None, _("Cancelled: the scene is unchanged.")
+            node, message = None, _("Cancelled: the scene is unchanged.")
             if not process.property("cancelled"):
                 try:
                     if exitStatus != qt.QProcess.NormalExit or exitCode != 0:
-                        raise RuntimeError("\n".join(output[-15:]) or _("The segmentation process failed."))
-                    segNode = slicer_worker.load_worker_result(slicer.mrmlScene, volumeNode,
-                                                               os.path.join(self._workDir, "out"), resultName)
-                    mrml.show_surfaces(segNode)
-                    message = _("Done: {0} lesion(s).").format(len(mrml.lesion_segment_ids(segNode)))
+                        raise RuntimeError("\n".join(output[-15:]) or _("The background process failed."))
+                    node, message = loadResult(os.path.join(self._workDir, "out"))
                 except Exception as error:
                     logging.error(str(error))
                     message = _("Failed: {0}").format(error)
             self._process = None
             shutil.rmtree(self._workDir, ignore_errors=True)
-            onFinished(segNode, message)
+            onFinished(node, message)
 
         process.connect("readyReadStandardOutput()", readOutput)
         process.connect("finished(int,QProcess::ExitStatus)", finished)

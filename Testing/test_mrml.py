@@ -202,7 +202,7 @@ def test_lesions_searched_again_inside_the_reviewed_liver(case, tmp_path, tiny_m
     holes filled) goes to the worker on the CT's grid, and the worker's command line accepts it."""
     from scipy import ndimage
 
-    from liverlesionai.cli import main, read_liver_mask
+    from liverlesionai.cli import main, read_mask_on_ct_grid
 
     scene, ct, volume, result = case
     seg = mrml.add_result_to_scene(scene, volume, result)
@@ -212,7 +212,7 @@ def test_lesions_searched_again_inside_the_reviewed_liver(case, tmp_path, tiny_m
         mrml.set_review_status(seg, rejected_segment, "rejected")
         ct_path = slicer_worker.write_volume_for_worker(volume, tmp_path)
         mask_path = slicer_worker.write_liver_mask_for_worker(seg, volume, tmp_path)
-        mask = read_liver_mask(mask_path, read_ct(ct_path))  # on the CT's grid, or this raises
+        mask = read_mask_on_ct_grid(mask_path, read_ct(ct_path))  # on the CT's grid, or this raises
         kept = (result.liver_mask > 0) | ((result.lesion_instances > 0) & (result.lesion_instances != rejected_id))
         assert np.array_equal(mask, ndimage.binary_fill_holes(kept))
         rejected = result.lesion_instances == rejected_id

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError, LiverLesionAIError, ModelFileError, OutputError
+from .records import LESION_TYPES
 
 EXIT_INPUT, EXIT_OUTPUT, EXIT_MODEL = 2, 3, 4
 CASE_OUTPUTS = (".seg.nrrd", ".lesions.csv", ".lesions.json", ".overview.png")
@@ -130,8 +131,9 @@ def _check_outdir(outdir: Path):
         raise OutputError(f"The output folder {outdir} is not writable.") from None
 
 
-def read_liver_mask(path, ct):
-    """A liver mask (voxels > 0, lesions included) that must lie on ``ct``'s voxel grid."""
+def read_mask_on_ct_grid(path, ct, what="liver mask"):
+    """Voxels > 0 of a label volume (``what``: a liver mask, lesions included, or a lesion mask) that must lie
+    on ``ct``'s voxel grid."""
     import numpy as np
 
     from .volume_io import read_ct
@@ -139,11 +141,11 @@ def read_liver_mask(path, ct):
     mask = read_ct(path)
     name = Path(path).name
     if mask.voxels.shape != ct.voxels.shape or not np.allclose(mask.ijk_to_ras, ct.ijk_to_ras, atol=1e-3):
-        raise InputError(f"The liver mask {name} is not on the CT's voxel grid (mask {mask.voxels.shape}, CT "
+        raise InputError(f"The {what} {name} is not on the CT's voxel grid (mask {mask.voxels.shape}, CT "
                          f"{ct.voxels.shape}, or another position, spacing or orientation); resample it first.")
     liver = mask.voxels > 0
     if not liver.any():
-        raise InputError(f"The liver mask {name} is empty (no voxel > 0).")
+        raise InputError(f"The {what} {name} is empty (no voxel > 0).")
     return liver
 
 
@@ -172,7 +174,7 @@ def cmd_segment(args):
             emit(n, 0.0, f"Reading {path.name}")
             ct = read_ct(path, series_uid=args.series_uid)
             started = time.perf_counter()
-            liver_prior = read_liver_mask(args.liver_mask, ct) if args.liver_mask else None
+            liver_prior = read_mask_on_ct_grid(args.liver_mask, ct) if args.liver_mask else None
             result = engine.segment(ct, progress=lambda f, m: emit(n, 0.05 + 0.85 * f, m), force=args.force,
                                     liver_prior=liver_prior)
             seconds = time.perf_counter() - started
@@ -216,6 +218,105 @@ def _progress_emitter(as_json, n_cases):
         if case + fraction >= n_cases:
             bar.close()
     return emit
+
+
+# ----------------------------------------------------------------------------------------------
+# explain
+# ----------------------------------------------------------------------------------------------
+EXPLANATIONS_SUFFIX = ".explanations"
+
+
+def write_explanation_folder(outdir: Path, name: str, explanations, hu_window, result=None, extra=None) -> Path:
+    """``outdir/<name>.explanations/``: per lesion its attribution map (NRRD, on a crop of stage 2's grid) and
+    a PNG, ``explanations.json``, and the segmentation explained (when ``result``). Staged in a private folder
+    and renamed in place: all or nothing, and an existing folder is never replaced."""
+    from .model_io import crash_point, rename_folder_no_replace, temp_sibling, write_json_atomic
+    from .report import render_explanation_png
+    from .segfile import write_seg_nrrd
+    from .volume_io import write_volume
+
+    target = outdir / f"{name}{EXPLANATIONS_SUFFIX}"
+    if target.exists():
+        raise OutputError(f"{target} already exists; choose another output folder (LiverLesionAI never overwrites "
+                          "results).")
+    staging = temp_sibling(target)  # recover_interrupted_outputs removes it if this process dies
+    try:
+        staging.mkdir()
+        lesions = []
+        for explanation in explanations:
+            stem = f"lesion_{explanation.lesion_id}"
+            write_volume(staging / f"{stem}.attribution.nrrd", explanation.attribution, explanation.ijk_to_ras)
+            render_explanation_png(staging / f"{stem}.png", explanation, hu_window)
+            lesions.append({**explanation.summary(), "attribution": f"{stem}.attribution.nrrd", "image": f"{stem}.png"})
+        crash_point("explain:writing")
+        if result is not None:
+            write_seg_nrrd(staging / "segmentation.seg.nrrd", result)
+        from .explain import METHOD
+        write_json_atomic(staging / "explanations.json", {**(extra or {}), "method": METHOD, "lesions": lesions})
+        crash_point("explain:staged")
+        rename_folder_no_replace(staging, target)
+    except OSError as error:
+        raise OutputError(f"Cannot write the explanations of {name} to {outdir}: {error.strerror or error}; "
+                          "nothing was written.") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cmd_explain(args):
+    import numpy as np
+
+    from .engine import LiverLesionEngine
+    from .explain import explain_lesion, explain_lesions
+    from .volume_io import read_ct
+
+    path, outdir = Path(args.input), Path(args.output)
+    if not path.exists():
+        raise InputError(f"{path} does not exist.")
+    if args.steps < 1:
+        raise InputError(f"--steps must be at least 1 (got {args.steps}).")
+    if args.lesion_type and not args.lesion_mask:
+        raise InputError("--lesion-type goes with --lesion-mask (the engine's own lesions keep their types).")
+    if args.lesion_mask and args.lesion and len(args.lesion) != 1:
+        raise InputError("With --lesion-mask, --lesion gives that one lesion's number (once).")
+    _check_outdir(outdir)
+    for removed in recover_interrupted_outputs(outdir):
+        print(f"removed {removed.name}: left incomplete by an interrupted run", file=sys.stderr)
+    name = case_name(path)
+    if (outdir / f"{name}{EXPLANATIONS_SUFFIX}").exists():
+        raise OutputError(f"{outdir / (name + EXPLANATIONS_SUFFIX)} already exists; choose another output folder "
+                          "(LiverLesionAI never overwrites results).")
+    engine = LiverLesionEngine(args.model, device=args.device, threads=args.threads, precision=args.precision)
+    emit = _progress_emitter(args.progress_json, 1)
+    emit(0, 0.0, f"Reading {path.name}")
+    ct = read_ct(path, series_uid=args.series_uid)
+    started = time.perf_counter()
+    result = None
+    if args.lesion_mask:
+        mask = read_mask_on_ct_grid(args.lesion_mask, ct, what="lesion mask")
+        lesion_type = args.lesion_type or max((p := engine.classify_lesion(ct, mask)), key=p.get)
+        emit(0, 0.3, "Explaining the lesion")
+        explanations = [explain_lesion(engine, ct, mask, lesion_type, (args.lesion or [1])[0], args.steps)]
+    else:
+        result, explanations = explain_lesions(engine, ct, args.lesion, args.steps,
+                                               force=args.force, progress=lambda f, m: emit(0, 0.9 * f, m))
+        if not explanations:
+            raise InputError(f"Nothing to explain in {path.name}: " + " ".join(result.messages))
+    seconds = time.perf_counter() - started
+    emit(0, 0.95, "Writing the explanations")
+    folder = write_explanation_folder(outdir, name, explanations, engine.config.hu_window, result,
+                                      {"case": name, "input": path.name, "model_version": engine.version,
+                                       "seconds": round(seconds, 2), "device": str(engine.device)})
+    emit(0, 1.0, "Done")
+    out = sys.stderr if args.progress_json else sys.stdout
+    print(f"\n{name}: {len(explanations)} lesion(s) explained in {seconds:.1f} s on {engine.device}", file=out)
+    print("  lesion  type         score  without  attribution sum  gap      inside lesion  steps", file=out)
+    for e in explanations:
+        print(f"  {e.lesion_id:<6}  {e.lesion_type:<11}  {e.score:5.3f}  {e.baseline_score:7.3f}  "
+              f"{float(np.sum(e.attribution)):15.3f}  {e.completeness_gap:+7.4f}  {e.inside_share:13.0%}  {e.steps:5d}",
+              file=out)
+    print(f"  wrote {folder}", file=out)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +498,24 @@ def build_parser():
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("explain", help="Integrated-Gradients maps of which voxels make stage 2 type each lesion "
+                                       "as it does")
+    x.add_argument("input", help="a CT: NIfTI/NRRD/MHA file or DICOM series folder")
+    x.add_argument("-o", "--output", required=True, help="output folder (gets <case>.explanations/)")
+    x.add_argument("--lesion", type=int, action="append",
+                   help="lesion number as `segment` gives it; repeat for several (default: every lesion)")
+    x.add_argument("--lesion-mask", help="label volume on the CT's grid whose voxels > 0 are one lesion (e.g. a "
+                                         "reviewed segment): explain it instead of the engine's lesions")
+    x.add_argument("--lesion-type", choices=LESION_TYPES,
+                   help="with --lesion-mask: the type to explain (default: the classifier's)")
+    x.add_argument("--steps", type=int, default=8, help="path steps to start with (doubled until the "
+                                                        "attributions add up, at most 64)")
+    x.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")
+    x.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
+    x.add_argument("--force", action="store_true", help="run on volumes that do not look like CT in HU")
+    engine_options(x)
+    x.set_defaults(func=cmd_explain)
 
     d = sub.add_parser("demo", help="generate a phantom CT and segment it")
     d.add_argument("--output", default="outputs/demo")

@@ -458,6 +458,14 @@ class LiverLesionEngine:
 
     def classify_lesion(self, ct: CTVolume, lesion_mask: np.ndarray) -> dict[str, float]:
         """Type probabilities for one lesion the user drew (mask in the CT's voxel grid)."""
+        grid2, x2, prior2, mask2, expert = self.lesion_inputs(ct, lesion_mask)
+        expert = self.experts[expert]
+        features = self._lesion_features(x2, prior2, mask2.astype(np.int32), np.array([1]), expert)
+        return self._type_probabilities(features, expert)[1]
+
+    def lesion_inputs(self, ct: CTVolume, lesion_mask: np.ndarray):
+        """Stage 2's input around one lesion given as a mask in the CT's voxel grid (drawn or reviewed):
+        (grid2, hu2, prior2, mask2, expert name), with a classifier patch of context on every side."""
         if lesion_mask.shape != ct.voxels.shape or not lesion_mask.any():
             raise ValueError("The lesion mask is empty or does not match the CT's size.")
         cfg = self.config
@@ -474,12 +482,11 @@ class LiverLesionEngine:
                             cfg.stage2_spacing, multiple=self.stage2.divisor)
         x2 = normalize_hu(resample_separable(canon.array, canon.grid, g2, 1, cval=-1024), cfg.hu_window)
         prior2 = resample_separable(liver_prob1, g1, g2, 1, cval=0.0)
-        mask2 = (resample_separable(mask_c, canon.grid, g2, 1) > 0.5).astype(np.int32)
+        mask2 = resample_separable(mask_c, canon.grid, g2, 1) > 0.5
         if not mask2.any():
-            mask2 = (resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0).astype(np.int32)
-        expert = self.experts[domain_gate.route(self.gate, self.acquisition_features(ct))] if self.gate \
-            else self.experts["parent"]
-        return self._type_probabilities(self._lesion_features(x2, prior2, mask2, np.array([1]), expert), expert)[1]
+            mask2 = resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0
+        expert = domain_gate.route(self.gate, self.acquisition_features(ct)) if self.gate else "parent"
+        return g2, x2, prior2, mask2, expert
 
 
 def fill_holes_per_slice(mask):

@@ -599,6 +599,17 @@ def classify_segment(engine, seg_node, segment_id: str, volume_node) -> LesionRe
     return record
 
 
+def explanation_target(seg_node, segment_id: str) -> tuple[int, str]:
+    """(lesion id, type) to explain for a lesion segment: the type in its tags, as reviewed."""
+    if segment_id == LIVER_SEGMENT_ID:
+        raise InputError("The liver segment is not a lesion; select a lesion to explain its type.")
+    record = _record_from_tags(seg_node, segment_id)
+    if record is None or record.lesion_type not in LESION_TYPES:
+        raise InputError(f"The segment '{_segment(seg_node, segment_id).GetName()}' has no type yet: classify it "
+                         "first.")
+    return lesion_ids_by_segment(seg_node)[segment_id], record.lesion_type
+
+
 # ---------------------------------------------------------------------------------------- table rows
 
 TABLE_COLUMNS = ("ID", "Type", "Probability", "Volume (mL)", "Long axis (mm)", "Short axis (mm)", "Mean HU", "Review")
@@ -676,6 +687,57 @@ def load_segmentation(scene, path: str | os.PathLike, name: str | None = None):
         record = _record_from_tags(node, sid)
         if record is not None and record.review_status == "rejected":
             node.GetDisplayNode().SetSegmentVisibility(sid, False)
+    return node
+
+
+ATTRIBUTION_COLOR_NODE_NAME = "LiverLesionAI attribution"
+
+
+def _attribution_color_node(scene):
+    """Blue (against the type) - transparent - red (for it), made once per scene: transparent at zero, so
+    the map shows only where it says something when it is the foreground layer over the CT."""
+    slicer = _slicer()
+    from .report import ATTRIBUTION_AGAINST, ATTRIBUTION_FOR
+
+    found = scene.GetNodesByClassByName("vtkMRMLColorTableNode", ATTRIBUTION_COLOR_NODE_NAME)
+    if found.GetNumberOfItems():
+        return found.GetItemAsObject(0)
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(ATTRIBUTION_COLOR_NODE_NAME)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    for index in range(256):
+        t = (index - 127.5) / 127.5
+        r, g, b = ATTRIBUTION_FOR if t > 0 else ATTRIBUTION_AGAINST
+        node.SetColor(index, f"{t:+.2f}", r / 255, g / 255, b / 255, min(1.0, abs(t)))
+    scene.AddNode(node)
+    return node
+
+
+def load_attribution_volume(scene, path: str | os.PathLike, name: str):
+    """An attribution map (``liverlesionai explain``) as a scalar volume shown blue-red, symmetric around zero
+    and saturating where the PNG does (report.attribution_scale). The node keeps no link to the file (a
+    worker's temporary folder): it is saved with the scene."""
+    slicer = _slicer()
+    from .report import attribution_scale
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"The attribution map {path} does not exist.")
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(True)
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise InputError(f"{path} is not a readable attribution map.")
+    node.CreateDefaultDisplayNodes()
+    values = _array_from_image_data(node.GetImageData())
+    scale = attribution_scale(values)
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(_attribution_color_node(scene).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(2 * scale, 0.0)
     return node
 
 

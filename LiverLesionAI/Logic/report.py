@@ -282,3 +282,72 @@ def render_overview_png(path, hu: np.ndarray, ijk_to_ras, result: SegmentationRe
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return _write_atomic(path, buf.getvalue(), overwrite)
+
+
+# ----------------------------------------------------------------------------------- explanations
+EXPLANATION_PANEL_PX = 256
+ATTRIBUTION_FOR, ATTRIBUTION_AGAINST = (202, 0, 32), (5, 113, 176)  # red / blue of a colour-blind-safe RdBu
+EXPLANATION_MARGIN_MM = 20.0  # of the CT shown around the lesion
+ATTRIBUTION_SCALE_PERCENTILE = 99.5
+
+
+def attribution_scale(attribution: np.ndarray) -> float:
+    """|attribution| shown at full colour: a high percentile of the nonzero values (the lesion and its band),
+    so that one voxel does not wash out the rest."""
+    values = np.abs(attribution[attribution != 0])
+    return float(max(np.percentile(values, ATTRIBUTION_SCALE_PERCENTILE), 1e-12)) if values.size else 1.0
+
+
+def _explanation_panel(hu, attribution, lesion, colour, caption, font) -> Image.Image:
+    width, level = WINDOW_LEVEL_HU
+    grey = np.clip((hu - (level - width / 2)) / width, 0, 1)[..., None] * 255.0
+    strength = np.clip(np.abs(attribution), 0, 1)[..., None] * 0.6
+    tint = np.where(attribution[..., None] >= 0, np.array(ATTRIBUTION_FOR, float), np.array(ATTRIBUTION_AGAINST, float))
+    rgb = (grey * (1 - strength) + tint * strength).astype(np.uint8)
+    rgb[lesion & ~ndimage.binary_erosion(lesion, border_value=0)] = colour  # 1 pixel: the rim's colour shows
+    scale = EXPLANATION_PANEL_PX / max(rgb.shape[:2])
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    image = Image.fromarray(np.ascontiguousarray(rgb), "RGB").resize(size, Image.NEAREST)
+    panel = Image.new("RGB", (EXPLANATION_PANEL_PX, EXPLANATION_PANEL_PX), (0, 0, 0))
+    panel.paste(image, ((EXPLANATION_PANEL_PX - size[0]) // 2, (EXPLANATION_PANEL_PX - size[1]) // 2))
+    ImageDraw.Draw(panel).text((4, EXPLANATION_PANEL_PX - 18), caption, fill=(255, 255, 255), font=font,
+                               stroke_width=1, stroke_fill=(0, 0, 0))
+    return panel
+
+
+def render_explanation_png(path, explanation, hu_window, overwrite: bool = False) -> Path:
+    """Axial, coronal and sagittal views through the lesion (explain.LesionExplanation): the CT, the
+    attribution in red (for the type) and blue (against), the lesion's outline in its type's colour.
+    Radiological display: patient right on image left, anterior and superior up, anterior left in sagittal."""
+    lo, hi = hu_window
+    hu = explanation.image * ((hi - lo) / 2) + (lo + hi) / 2  # normalize_hu inverted
+    attribution = explanation.attribution / attribution_scale(explanation.attribution)
+    k, j, i = (int(round(c)) for c in ndimage.center_of_mass(explanation.lesion_mask))
+    margin = int(round(EXPLANATION_MARGIN_MM / float(abs(explanation.ijk_to_ras[0, 0]))))
+    kb, jb, ib = (slice(max(box.start - margin, 0), box.stop + margin)
+                  for box in ndimage.find_objects(explanation.lesion_mask.astype(np.uint8))[0])
+    canonical_views = {  # canonical [k: superior, j: posterior, i: patient left] -> (rows, columns) on screen
+        "axial": lambda a: a[k, jb, ib],
+        "coronal": lambda a: a[kb, j, ib][::-1],
+        "sagittal": lambda a: a[kb, jb, i][::-1],
+    }
+    colour = _rgb255(LESION_TYPE_COLORS.get(explanation.lesion_type, UNCLASSIFIED_COLOR))
+    font = _font(14)
+    canvas = Image.new("RGB", (3 * EXPLANATION_PANEL_PX, TITLE_PX + EXPLANATION_PANEL_PX + LEGEND_PX), (0, 0, 0))
+    for column, (view, cut) in enumerate(canonical_views.items()):
+        panel = _explanation_panel(cut(hu), cut(attribution), cut(explanation.lesion_mask), colour, view, font)
+        canvas.paste(panel, (column * EXPLANATION_PANEL_PX, TITLE_PX))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 6), f"Lesion {explanation.lesion_id}: why stage 2 calls it {explanation.lesion_type} "
+                      f"(mean probability {explanation.score:.2f}; {explanation.baseline_score:.2f} without it)",
+              fill=(255, 255, 255), font=_font(15))
+    x, y = 6, TITLE_PX + EXPLANATION_PANEL_PX + 7
+    for name, tint in ((f"for {explanation.lesion_type}", ATTRIBUTION_FOR),
+                       (f"against {explanation.lesion_type}", ATTRIBUTION_AGAINST)):
+        draw.rectangle((x, y, x + 14, y + 14), fill=tint)
+        draw.text((x + 20, y), name, fill=(255, 255, 255), font=font)
+        x += 40 + int(draw.textlength(name, font=font))
+    draw.text((x, y), f"Integrated Gradients, {explanation.steps} steps", fill=(190, 190, 190), font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return _write_atomic(path, buf.getvalue(), overwrite)

@@ -66,6 +66,20 @@ def segment_command(
     return args
 
 
+def explain_command(
+    input_path: str | os.PathLike, lesion_mask: str | os.PathLike, lesion_id: int, lesion_type: str,
+    output_dir: str | os.PathLike, model: str | None = None, device: str = "auto",
+) -> list[str]:
+    """Program and arguments that write the Integrated-Gradients explanation of one (reviewed) lesion's type
+    into ``output_dir`` (``liverlesionai explain --lesion-mask``), with JSON progress lines."""
+    args = [python_executable(), str(WORKER_SCRIPT), "explain", str(input_path), "-o", str(output_dir),
+            "--lesion-mask", str(lesion_mask), "--lesion", str(int(lesion_id)), "--lesion-type", lesion_type,
+            "--progress-json", "--device", device, "--threads", str(default_threads())]
+    if model:
+        args += ["--model", str(model)]
+    return args
+
+
 def parse_progress_line(line: str) -> tuple[float, str] | None:
     """(fraction 0..1, message) from one line of worker output, or None for any other line."""
     line = line.strip()
@@ -133,6 +147,29 @@ def write_liver_mask_for_worker(seg_node, volume_node, folder: str | os.PathLike
     mask = mrml.reviewed_liver_mask(seg_node, volume_node)
     path = Path(folder) / "reviewed_liver.nrrd"
     return write_volume(path, mask.astype("uint8"), mrml.world_ijk_to_ras(volume_node))
+
+
+def write_segment_mask_for_worker(seg_node, segment_id: str, volume_node, folder: str | os.PathLike) -> Path:
+    """One segment as a mask on the CT's grid (NRRD), for ``explain --lesion-mask``."""
+    from . import mrml
+    from .volume_io import write_volume
+
+    mask = mrml.segment_masks(seg_node, volume_node, [segment_id]) == 1
+    if not mask.any():
+        raise ValueError(f"The segment '{segment_id}' is empty: nothing to explain.")
+    path = Path(folder) / "lesion_mask.nrrd"
+    return write_volume(path, mask.astype("uint8"), mrml.world_ijk_to_ras(volume_node))
+
+
+def load_worker_explanation(scene, output_dir: str | os.PathLike, name: str):
+    """The attribution map the worker wrote (call only on success), as a volume node (mrml.load_attribution_volume)."""
+    from . import mrml
+    from .errors import OutputError
+
+    found = sorted(Path(output_dir).glob("*.explanations/lesion_*.attribution.nrrd"))
+    if len(found) != 1:
+        raise OutputError(f"The explanation run left {len(found)} attribution maps in {output_dir}; expected 1.")
+    return mrml.load_attribution_volume(scene, found[0], name)
 
 
 def find_result_file(output_dir: str | os.PathLike) -> Path:

@@ -1,4 +1,5 @@
-"""kill -9 while `segment` writes a case's outputs: afterwards all four outputs or none, and rerunning works.
+"""kill -9 while `segment` writes a case's outputs (and `explain` its folder): afterwards all outputs or none, and
+rerunning works.
 
 A real child process runs the command line and is SIGKILLed at each step of ``cli.write_case_outputs``
 (test hook ``model_io.crash_point``, LIVERLESIONAI_TEST_PAUSE_AT). Export, registry and model saving
@@ -124,3 +125,23 @@ def test_recovery_keeps_user_files_and_live_runs(tmp_path):
     assert cli.recover_interrupted_outputs(out) == [out / "case7.lesions.csv"]
     assert sorted(os.listdir(out)) == ["case7.seg.nrrd"]
     assert user_file.read_text() == "the user's own file"
+
+
+@pytest.mark.parametrize("step", ["explain:writing", "explain:staged"])
+def test_sigkill_while_writing_explanations(step, ct_file, tiny_model_dir, tmp_path):
+    """`explain` stages its folder and renames it in place: a kill leaves nothing visible, and a rerun clears the
+    dead run's staging folder and writes the whole folder."""
+    k, j, i = np.indices((24, 64, 64))
+    mask = write_volume(tmp_path / "lesion.nii.gz", ((k - 12) ** 2 + (j - 32) ** 2 + (i - 32) ** 2 < 9).astype(np.uint8),
+                        np.diag([-5.0, -5.0, 5.0, 1.0]))
+    out = tmp_path / "out"
+    argv = ["explain", str(ct_file), "-o", str(out), "--lesion-mask", str(mask), "--lesion-type", "cyst",
+            "--model", str(tiny_model_dir), "--device", "cpu", "--threads", "1", "--progress-json"]
+    kill_at(step, argv, tmp_path)
+    assert visible(out) == [] and len(hidden(out)) == 1
+
+    rc, stderr = run_cli(argv)
+    assert rc == 0, stderr
+    assert hidden(out) == [] and visible(out) == ["case7.explanations"]
+    assert sorted(p.name for p in (out / "case7.explanations").iterdir()) == [
+        "explanations.json", "lesion_1.attribution.nrrd", "lesion_1.png"]

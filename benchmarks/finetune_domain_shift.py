@@ -88,6 +88,7 @@ def main(argv=None):
     p.add_argument("--domain", default=json.dumps(SHIFT), help="phantom domain shift as JSON")
     p.add_argument("--n-export", type=int, default=5)
     p.add_argument("--n-test", type=int, default=20)
+    p.add_argument("--n-original-test", type=int, default=None, help="original-domain test cases (default: --n-test)")
     p.add_argument("--max-in-plane", type=int, default=256)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--steps-per-epoch", type=int, default=100)
@@ -116,8 +117,9 @@ def main(argv=None):
     domain_key = hashlib.sha256(json.dumps(domain, sort_keys=True).encode()).hexdigest()[:8]
     shifted = make_cases(work / f"shifted_test_{domain_key}",
                          range(SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test), domain, args.max_in_plane)
+    n_original = args.n_test if args.n_original_test is None else args.n_original_test
     original = make_cases(work / "original_test",
-                          range(ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + args.n_test), None, args.max_in_plane)
+                          range(ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + n_original), None, args.max_in_plane)
     dataset = work / "dataset"
     if not (dataset / "dataset.json").exists():
         for seed in range(EXPORT_SEED_BASE, EXPORT_SEED_BASE + args.n_export):
@@ -129,7 +131,7 @@ def main(argv=None):
                "max_in_plane": args.max_in_plane, "threads": args.threads,
                "seeds": {"exported": [EXPORT_SEED_BASE, EXPORT_SEED_BASE + args.n_export - 1],
                          "shifted_test": [SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test - 1],
-                         "original_test": [ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + args.n_test - 1]}}
+                         "original_test": [ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + n_original - 1]}}
     log("evaluating the parent")
     results["before"] = {"shifted": evaluate(parent_dir, shifted, cache, args.device, log),
                          "original": evaluate(parent_dir, original, cache, args.device, log)}

@@ -49,7 +49,7 @@ METHOD = {  # written with every explanation
 @dataclass
 class LesionExplanation:
     lesion_id: int
-    lesion_type: str  # the type explained: the one the engine gave the lesion
+    lesion_type: str  # the type explained (the engine's for its lesions; the reviewer's for a given mask)
     attribution: np.ndarray  # [k, j, i] float32 on a canonical crop of stage 2's grid, probability per voxel
     ijk_to_ras: np.ndarray  # of ``attribution``
     lesion_mask: np.ndarray  # [k, j, i] bool on the same crop: the lesion as stage 2's grid holds it
@@ -83,8 +83,6 @@ def explain_lesions(engine: LiverLesionEngine, ct: CTVolume, lesion_ids=None, st
                     force: bool = False, progress=None) -> tuple[SegmentationResult, list[LesionExplanation]]:
     """Segment ``ct`` and explain the type the engine gave each lesion in ``lesion_ids`` (default: all), on
     the stage-2 grid of that run."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, not {steps}")
     progress = progress or (lambda fraction, message: None)
     outputs = engine.run_networks(ct, lambda f, m: progress(0.3 * f, m), force)
     if isinstance(outputs, SegmentationResult):  # no liver: nothing to explain
@@ -150,6 +148,8 @@ def integrated_gradients(stage2, hu2, prior2, mask2, grid2: Grid, lesion_type: s
 
     ``hu2``/``prior2``: stage 2's normalised input and liver prior on ``grid2``; ``views``: the slab
     orientations whose probabilities the engine averages."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
     spacing = np.asarray(grid2.spacing, float)
     band = ndimage.binary_dilation(mask2, iterations=max(1, int(round(BAND_MM / spacing[0]))))
     ring = ndimage.binary_dilation(band, iterations=max(1, int(round(PARENCHYMA_RING_MM / spacing[0])))) & ~band

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import tempfile
 import unittest
 from pathlib import Path
@@ -119,6 +120,9 @@ class ExportTest(unittest.TestCase):
         write_lesions_csv(path, [], overwrite=True)
         self.assertEqual(len(path.read_text().splitlines()), 1)
         self.assertEqual(sorted(p.name for p in self.dir.iterdir()), ["lesions.csv"], "no temp files left")
+        umask = os.umask(0)
+        os.umask(umask)
+        self.assertEqual(path.stat().st_mode & 0o777, 0o666 & ~umask, "the user's usual permissions, not 0600")
         with self.assertRaisesRegex(ReportWriteError, "does not exist"):
             write_lesions_csv(self.dir / "missing" / "x.csv", [])
 

@@ -1,6 +1,6 @@
 """Human-readable outputs of a segmentation: terminal table, CSV, JSON and an overview PNG.
 
-Every file is written atomically (temporary file in the target folder, then os.replace) and an
+Every file is written atomically (temporary file in the target folder, then moved in place) and an
 existing file is never replaced unless the caller passes overwrite=True.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from scipy import ndimage
 
 from .errors import OutputError
 from .geometry import nonzero_box
+from .volume_io import write_file_atomically
 from .records import (
     LESION_TYPE_COLORS,
     LESION_TYPES,
@@ -50,21 +49,12 @@ class ReportWriteError(OutputError):
 
 
 def _write_atomic(path, data: bytes, overwrite: bool) -> Path:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ReportWriteError(f"{path} already exists; choose another name or allow overwriting.")
-    if not path.parent.is_dir():
-        raise ReportWriteError(f"Cannot write {path.name}: folder {path.parent} does not exist.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """volume_io.write_file_atomically: a hidden sibling moved in place, an existing file never replaced unless
+    ``overwrite``; the file gets the user's usual permissions (a private temp file made them 0600)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        return write_file_atomically(path, lambda temp: Path(temp).write_bytes(data), overwrite)
+    except OutputError as error:
+        raise ReportWriteError(str(error)) from None
 
 
 # ----------------------------------------------------------------------------------------- text

@@ -542,13 +542,14 @@ def test_finetune_behind_a_domain_gate_keeps_the_parent_for_its_own_domain(shipp
     assert gate["site"]["mean"][0] < 85 < gate["parent"]["mean"][0]  # liver median HU
     assert set(card["architecture"]["site_candidate_filter"]) == {"min_lesion_confidence", "max_surface_fraction"}
     assert card["hyperparameters"]["stage2"] == "site expert behind a domain gate"
-    assert card["classifier_guard"]["reason"] == "domain gate"
+    assert card["classifier_guard"] == {"kept": "parent", "reason": "domain gate; the site expert keeps its head"}
     summary = version_summary(version, registry)[0]  # what the panel and the CLI show
     assert "Domain gate:" in summary and "phantoms of the exported cases' acquisition" in summary
     shipped_state, new_state = load_model(shipped_model_dir)[0], load_model(registry.model_dir(version))[0]
     assert all(torch.equal(v, new_state[k]) for k, v in shipped_state.items())  # the parent expert, untouched
     assert {k[len("site."):] for k in new_state if k.startswith("site.")} == \
         {k for k in shipped_state if k.startswith(("stage2.", "classifier."))}
+    assert all(torch.equal(v, new_state["site." + k]) for k, v in shipped_state.items() if k.startswith("classifier."))
     val = card["validation"]  # the guard phantoms ran the parent expert: nothing lost there
     assert all(val["new"][k] == val["parent"][k] for k in val["parent"] if k.startswith("original_domain_"))
 
@@ -563,8 +564,11 @@ def test_finetune_behind_a_domain_gate_keeps_the_parent_for_its_own_domain(shipp
     assert by_site.expert == "site" and any(m.startswith("Fine-tuned networks used") for m in by_site.messages)
 
     # no training steps: what is checked is that the gated parent stays gated on the same parent expert
-    again = finetune(dataset, registry, version, replace(settings, domain_gate=False, epochs_frozen=0), "cpu")
+    # (and, with site_head_refit, re-fits the site head on the site expert's lesions)
+    again = finetune(dataset, registry, version, replace(settings, domain_gate=False, epochs_frozen=0,
+                                                         site_head_refit=True), "cpu")
     again_card = json.loads((registry.model_dir(again) / "model_card.json").read_text())
+    assert again_card["classifier_guard"] == {"kept": "refit", "masks": "engine", "reason": "domain gate"}
     assert again_card["architecture"]["domain_gate"]["routed_to_site"]["original_domain_guard"] == "0/2"
     again_state = load_model(registry.model_dir(again))[0]
     assert all(torch.equal(v, again_state[k]) for k, v in shipped_state.items())

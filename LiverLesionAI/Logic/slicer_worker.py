@@ -152,11 +152,13 @@ def write_liver_mask_for_worker(seg_node, volume_node, folder: str | os.PathLike
 def write_segment_mask_for_worker(seg_node, segment_id: str, volume_node, folder: str | os.PathLike) -> Path:
     """One segment as a mask on the CT's grid (NRRD), for ``explain --lesion-mask``."""
     from . import mrml
+    from .errors import InputError
     from .volume_io import write_volume
 
     mask = mrml.segment_masks(seg_node, volume_node, [segment_id]) == 1
     if not mask.any():
-        raise ValueError(f"The segment '{segment_id}' is empty: nothing to explain.")
+        name = seg_node.GetSegmentation().GetSegment(segment_id).GetName()
+        raise InputError(f"The segment '{name}' is empty: nothing to explain.")
     path = Path(folder) / "lesion_mask.nrrd"
     return write_volume(path, mask.astype("uint8"), mrml.world_ijk_to_ras(volume_node))
 

@@ -28,7 +28,7 @@ from .geometry import canonicalize, grid_bounds, resample_separable, sub_grid
 from .lesions import build_lesion_records
 from .model_io import load_model
 from .networks import STAGE2_FIRST_LESION, CascadeConfig, LesionClassifierHead, UNet2p5D
-from .preprocessing import canonical_grid, from_view, normalize_hu, pad_to_multiple, to_view
+from .preprocessing import canonical_grid, denormalize_hu, from_view, normalize_hu, pad_to_multiple, to_view
 from .records import LESION_TYPES, CTVolume, SegmentationResult
 from .training import lesion_view_inputs, lesion_view_vectors, resolve_device
 from .validation import validate_ct
@@ -283,8 +283,7 @@ class LiverLesionEngine:
         return None if isinstance(inputs, SegmentationResult) else self._acquisition(*inputs[2:4])
 
     def _acquisition(self, x2, prior2):
-        lo, hi = self.config.hu_window
-        hu = x2 * np.float32((hi - lo) / 2) + np.float32((lo + hi) / 2)  # normalize_hu inverted (inside the window)
+        hu = denormalize_hu(x2, self.config.hu_window)
         return domain_gate.acquisition_features(hu, prior2 > 0.5, float(self.config.stage2_spacing[0]))
 
     def _stage2_inputs(self, ct: CTVolume, progress: Progress | None = None, force: bool = False,

@@ -27,6 +27,7 @@ from .errors import InputError
 from .geometry import canonicalize, resample_separable
 from .networks import STAGE2_FIRST_LESION
 from .phantom import Grid
+from .preprocessing import to_view
 from .records import LESION_TYPES, CTVolume, SegmentationResult
 
 DEFAULT_STEPS = 8  # path steps to start with; doubled (up to MAX_STEPS) while the attributions do not add up
@@ -211,7 +212,7 @@ class ScoreFunction:
     def _parts(self, volume):
         half = self.half
         for view in self.views:
-            v, p, m = _torch_view(volume, view), _torch_view(self.prior, view), _torch_view(self.lesion, view)
+            v, p, m = to_view(volume, view), to_view(self.prior, view), to_view(self.lesion, view)
             slices = torch.nonzero(m.flatten(1).any(1)).flatten().tolist()
             # edge-padded along the slab axis, as the engine's slabs are
             padded = torch.cat([v[:1].expand(half, *v.shape[1:]), v, v[-1:].expand(half, *v.shape[1:])])
@@ -220,15 +221,3 @@ class ScoreFunction:
                 slabs = torch.stack([torch.cat([padded[k:k + 2 * half + 1], p[k:k + 1]]) for k in ks])
                 probability = self.stage2(slabs).float().softmax(1)[:, self.channel]
                 yield (probability * m[ks]).sum() * self.weight
-
-
-def _torch_view(volume, view):
-    """preprocessing.to_view for tensors (the same axis order, so slabs match the engine's)."""
-    if view == "axial":
-        return volume
-    if view == "coronal":
-        return volume.transpose(0, 1)
-    if view == "sagittal":
-        return volume.permute(2, 0, 1)
-    raise ValueError(f"unknown view {view!r}")
-

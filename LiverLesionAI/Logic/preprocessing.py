@@ -19,6 +19,12 @@ def normalize_hu(hu, window):
     return (np.clip(hu, lo, hi).astype(np.float32) - np.float32(center)) / np.float32(half)
 
 
+def denormalize_hu(x, window):
+    """``normalize_hu`` inverted (HU inside the window)."""
+    lo, hi = window
+    return x * np.float32((hi - lo) / 2) + np.float32((lo + hi) / 2)
+
+
 def ras_bounds(shape_kji, ijk_to_ras):
     """RAS bounding box of a volume's voxel centres."""
     nk, nj, ni = shape_kji
@@ -69,12 +75,13 @@ def to_view(volume, view):
     axial: (k, j, i); coronal: (j, k, i); sagittal: (i, k, j). Rows of coronal and sagittal
     images run along k (inferior to superior): consistent between training and inference.
     """
+    # .swapaxes: a view of a numpy array or a torch tensor alike (explain runs it on tensors)
     if view == "axial":
         return volume
     if view == "coronal":
-        return np.swapaxes(volume, 0, 1)
+        return volume.swapaxes(0, 1)
     if view == "sagittal":
-        return np.transpose(volume, (2, 0, 1))
+        return volume.swapaxes(1, 2).swapaxes(0, 1)
     raise ValueError(f"unknown view {view!r}")
 
 

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from .errors import OutputError
 from .geometry import nonzero_box
+from .preprocessing import denormalize_hu
 from .volume_io import write_file_atomically
 from .records import (
     LESION_TYPE_COLORS,
@@ -309,8 +310,7 @@ def render_explanation_png(path, explanation, hu_window, overwrite: bool = False
     """Axial, coronal and sagittal views through the lesion (explain.LesionExplanation): the CT, the
     attribution in red (for the type) and blue (against), the lesion's outline in its type's colour.
     Radiological display: patient right on image left, anterior and superior up, anterior left in sagittal."""
-    lo, hi = hu_window
-    hu = explanation.image * ((hi - lo) / 2) + (lo + hi) / 2  # normalize_hu inverted
+    hu = denormalize_hu(explanation.image, hu_window)
     attribution = explanation.attribution / attribution_scale(explanation.attribution)
     k, j, i = (int(round(c)) for c in ndimage.center_of_mass(explanation.lesion_mask))
     margin = int(round(EXPLANATION_MARGIN_MM / float(abs(explanation.ijk_to_ras[0, 0]))))

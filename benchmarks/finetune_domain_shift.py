@@ -7,7 +7,10 @@
 3. The model (default: the shipped one) is fine-tuned on them into a scratch registry (never activated).
 4. Parent and new model are evaluated with the real engine on 20 other shifted phantoms and on 20
    original-domain phantoms (the held-out test seeds): lesion Dice (pooled), type accuracy, liver Dice,
-   detection F1. Per-case results are cached, so an interrupted run resumes.
+   detection F1; and type accuracy on the reference lesions both models matched (each model's own accuracy
+   also moves with which lesions it finds). Per-case results are cached, so an interrupted run resumes.
+   ``--shifted-test-start N`` draws the shifted test cases from seed N on: fresh cases, to check a choice that
+   was made looking at the first ones.
 
     python benchmarks/finetune_domain_shift.py --threads 2 [--model DIR] [--work /tmp/llai_shift]
     python benchmarks/finetune_domain_shift.py --measure-only   # parent only (choose a shift)
@@ -77,7 +80,22 @@ def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
     return {"n_cases": s["n_cases"], "lesion_dice": s["global_lesion_dice"], "type_accuracy": s["type_accuracy"],
             "liver_dice": s["mean_liver_dice"], "detection_f1": s["detection"]["f1"],
             "typed_lesions": int(sum(map(sum, s["type_confusion"]["matrix"]))),
-            "cases_to_site_expert": sum(r.get("expert") == "site" for r in results)}
+            "cases_to_site_expert": sum(r.get("expert") == "site" for r in results),
+            "matched_types": {f"{r['case_id']}/{m['gt_id']}": [m["gt_type"], m["pred_type"]]
+                              for r in results for m in r["matches"]}}
+
+
+def paired_types(before: dict, after: dict) -> dict:
+    """Type accuracy of both models on the reference lesions both matched: the models find different lesions,
+    so each one's accuracy over its own matches also moves with which lesions it finds."""
+    common = sorted(set(before["matched_types"]) & set(after["matched_types"]))
+
+    def right(summary):
+        return sum(reference == predicted for reference, predicted in (summary["matched_types"][k] for k in common))
+
+    return {"lesions": len(common), "right_before": right(before), "right_after": right(after),
+            "only_before": len(before["matched_types"]) - len(common),
+            "only_after": len(after["matched_types"]) - len(common)}
 
 
 def main(argv=None):
@@ -89,6 +107,9 @@ def main(argv=None):
     p.add_argument("--n-export", type=int, default=5)
     p.add_argument("--n-test", type=int, default=20)
     p.add_argument("--n-original-test", type=int, default=None, help="original-domain test cases (default: --n-test)")
+    p.add_argument("--shifted-test-start", type=int, default=0,
+                   help="first shifted test seed after SHIFTED_TEST_SEED_BASE: fresh cases, for checking a choice "
+                        "made on others")
     p.add_argument("--max-in-plane", type=int, default=256)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--steps-per-epoch", type=int, default=100)
@@ -115,8 +136,10 @@ def main(argv=None):
     log(f"parent model {parent_dir}, domain shift {domain}")
     # the domain is part of the folder name: the per-case result cache is keyed by folder name
     domain_key = hashlib.sha256(json.dumps(domain, sort_keys=True).encode()).hexdigest()[:8]
-    shifted = make_cases(work / f"shifted_test_{domain_key}",
-                         range(SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test), domain, args.max_in_plane)
+    first_shifted = SHIFTED_TEST_SEED_BASE + args.shifted_test_start
+    shifted_name = f"shifted_test_{domain_key}" + (f"_from{first_shifted}" if args.shifted_test_start else "")
+    shifted = make_cases(work / shifted_name, range(first_shifted, first_shifted + args.n_test), domain,
+                         args.max_in_plane)
     n_original = args.n_test if args.n_original_test is None else args.n_original_test
     original = make_cases(work / "original_test",
                           range(ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + n_original), None, args.max_in_plane)
@@ -130,7 +153,7 @@ def main(argv=None):
     results = {"domain": domain, "parent_model": str(parent_dir), "n_test": args.n_test, "precision": "auto",
                "max_in_plane": args.max_in_plane, "threads": args.threads,
                "seeds": {"exported": [EXPORT_SEED_BASE, EXPORT_SEED_BASE + args.n_export - 1],
-                         "shifted_test": [SHIFTED_TEST_SEED_BASE, SHIFTED_TEST_SEED_BASE + args.n_test - 1],
+                         "shifted_test": [first_shifted, first_shifted + args.n_test - 1],
                          "original_test": [ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + n_original - 1]}}
     log("evaluating the parent")
     results["before"] = {"shifted": evaluate(parent_dir, shifted, cache, args.device, log),
@@ -158,6 +181,8 @@ def main(argv=None):
         log("evaluating the fine-tuned model")
         results["after"] = {"shifted": evaluate(new_dir, shifted, cache, args.device, log),
                             "original": evaluate(new_dir, original, cache, args.device, log)}
+        results["types_on_lesions_both_matched"] = {dom: paired_types(results["before"][dom], results["after"][dom])
+                                                    for dom in ("shifted", "original")}
     results["seconds"] = round(time.time() - started)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +201,10 @@ def print_table(results):
             change = None if before is None or after is None else after - before
             print(f"{dom:<10} {metric:<14} {fmt(before):>7} {fmt(after):>7} "
                   f"{'' if change is None else f'{100 * change:+6.1f}':>7}")
+        paired = results.get("types_on_lesions_both_matched", {}).get(dom)
+        if paired:
+            print(f"{dom:<10} types right on the {paired['lesions']} lesions both matched: "
+                  f"{paired['right_before']} before, {paired['right_after']} after")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
     s = aggregate(results)
     return {"n_cases": s["n_cases"], "lesion_dice": s["global_lesion_dice"], "type_accuracy": s["type_accuracy"],
             "liver_dice": s["mean_liver_dice"], "detection_f1": s["detection"]["f1"],
-            "typed_lesions": int(sum(map(sum, s["type_confusion"]["matrix"]))),
+            "typed_lesions": int(sum(map(sum, s["type_confusion"]["matrix"]))), "type_confusion": s["type_confusion"],
             "cases_to_site_expert": sum(r.get("expert") == "site" for r in results),
             "matched_types": {f"{r['case_id']}/{m['gt_id']}": [m["gt_type"], m["pred_type"]]
                               for r in results for m in r["matches"]}}

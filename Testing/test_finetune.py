@@ -21,9 +21,11 @@ import torch
 from liverlesionai import cli
 from liverlesionai.errors import InputError
 from liverlesionai.export import load_dataset, manifest_sha256
+from liverlesionai.evaluation import evaluate_case
 from liverlesionai.finetune import (
-    FinetuneCancelled, FinetuneSettings, PreparedCase, case_batch, export_phantom_case, exported_tissue, finetune,
-    local_cuda_index, prepare_case, split_cases, version_summary,
+    SAME_LESIONS_TYPE_ACCURACY, FinetuneCancelled, FinetuneSettings, PreparedCase, case_batch, export_phantom_case,
+    exported_tissue, finetune, local_cuda_index, metrics_of, prepare_case, same_lesions_type_accuracy, split_cases,
+    version_summary,
 )
 from liverlesionai.model_io import load_model, save_model
 from liverlesionai.networks import CascadeConfig, LesionClassifierHead, UNet2p5D, UNetConfig
@@ -133,6 +135,39 @@ def test_training_priors_have_stage1_like_errors():
     assert 0 < leaks < 80 and 0 < lesions_left_out < 80
 
 
+def test_type_accuracy_is_also_compared_on_the_lesions_both_models_found():
+    """A version that finds fewer lesions can gain type accuracy over its own matches without typing any lesion
+    better: the card also compares parent and new on the reference lesions both matched."""
+    shape = (24, 48, 48)
+    k, j, i = np.indices(shape)
+    centres = {1: (12, 12, 12), 2: (12, 12, 36), 3: (12, 36, 12), 4: (12, 36, 36)}
+
+    def case(types):  # lesion id -> type, a 10 mm ball at its centre
+        liver = np.zeros(shape, np.uint8)
+        liver[2:22, 2:46, 2:46] = 1
+        instances = np.zeros(shape, np.uint16)
+        for lesion_id in types:
+            c = centres[lesion_id]
+            instances[(k - c[0]) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2 <= 25] = lesion_id
+        liver[instances > 0] = 0
+        return {"liver_mask": liver, "lesion_instances": instances, "lesion_types": types}
+
+    truth = case({1: "cyst", 2: "metastasis", 3: "hemangioma", 4: "cyst"})
+    parent = [evaluate_case(case({1: "cyst", 2: "metastasis", 3: "metastasis", 4: "metastasis"}), truth, np.eye(4),
+                            case_id="a")]
+    new = [evaluate_case(case({1: "cyst"}), truth, np.eye(4), case_id="a")]  # finds one lesion, types it right
+    own = metrics_of({"": parent})["type_accuracy"], metrics_of({"": new})["type_accuracy"]
+    assert own == (0.5, 1.0)
+    name = "site_phantom_" + SAME_LESIONS_TYPE_ACCURACY
+    assert same_lesions_type_accuracy(parent, new, "site_phantom_") == ({name: 1.0}, {name: 1.0})
+    # the same lesion ids in another case are other lesions; nothing shared, nothing compared
+    elsewhere = [{**new[0], "case_id": "b"}]
+    assert same_lesions_type_accuracy(parent, elsewhere) == ({}, {})
+    new_wrong = [evaluate_case(case({1: "metastasis", 2: "cyst"}), truth, np.eye(4), case_id="a")]
+    assert same_lesions_type_accuracy(parent, new_wrong) == ({SAME_LESIONS_TYPE_ACCURACY: 1.0},
+                                                             {SAME_LESIONS_TYPE_ACCURACY: 0.0})
+
+
 def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
     registry = _registry(world, "reg_api")
     seen = []
@@ -155,7 +190,8 @@ def test_finetune_adds_an_inactive_version_with_before_after_metrics(world):
                                         "refit_weight": 0.0, "kept": "parent"}
     assert "original_domain_classifier_accuracy" not in val["new"]
     # the selection compared every epoch with the parent under a filter re-tuned the same way
-    assert set(val["parent_with_retuned_filter"]) == set(val["parent"]) - {"original_domain_classifier_accuracy"}
+    assert set(val["parent_with_retuned_filter"]) == set(val["parent"]) - {"original_domain_classifier_accuracy"} - {
+        k for k in val["parent"] if k.endswith(SAME_LESIONS_TYPE_ACCURACY)}
     assert all("candidate_filter" in h for h in card["finetune_history"])
     comparison = registry.compare(version)
     assert comparison.comparable and comparison.same_cases
@@ -552,6 +588,9 @@ def test_finetune_behind_a_domain_gate_keeps_the_parent_for_its_own_domain(shipp
     assert all(torch.equal(v, new_state["site." + k]) for k, v in shipped_state.items() if k.startswith("classifier."))
     val = card["validation"]  # the guard phantoms ran the parent expert: nothing lost there
     assert all(val["new"][k] == val["parent"][k] for k in val["parent"] if k.startswith("original_domain_"))
+    # so every lesion typed there was found by both, and typed alike
+    same_lesions = "original_domain_" + SAME_LESIONS_TYPE_ACCURACY
+    assert val["new"][same_lesions] == val["parent"][same_lesions] == val["parent"]["original_domain_type_accuracy"]
 
     parent_engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
     gated_engine = LiverLesionEngine(registry.model_dir(version), device="cpu", precision="fp32")

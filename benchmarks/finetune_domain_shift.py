@@ -47,12 +47,12 @@ def make_cases(folder: Path, seeds, domain, max_in_plane):
     return folder
 
 
-def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
-    """Summary metrics of one model on one folder of cases (per-case results cached by weights checksum and
+def case_results(model_dir: Path, cases_dir: Path, cache: Path, device, log) -> list[dict]:
+    """``evaluate_case`` results of one model on one folder of cases (cached by weights checksum and
     architecture: v5.1 and v5.2 share their weights, not their lesion rule)."""
     from liverlesionai.datasets import find_cases
     from liverlesionai.engine import LiverLesionEngine
-    from liverlesionai.evaluation import aggregate, evaluate_case
+    from liverlesionai.evaluation import evaluate_case
     from liverlesionai.model_io import read_model_card
 
     card = read_model_card(model_dir)
@@ -76,26 +76,17 @@ def evaluate(model_dir: Path, cases_dir: Path, cache: Path, device, log):
         path.write_text(json.dumps(m))
         results.append(m)
         log(f"  {model_key[:8]} {cases_dir.name}/{case.case_id}: lesion Dice {m['lesion_dice']:.3f} ({m['seconds']} s)")
+    return results
+
+
+def summarize(results: list[dict]) -> dict:
+    from liverlesionai.evaluation import aggregate
+
     s = aggregate(results)
     return {"n_cases": s["n_cases"], "lesion_dice": s["global_lesion_dice"], "type_accuracy": s["type_accuracy"],
             "liver_dice": s["mean_liver_dice"], "detection_f1": s["detection"]["f1"],
             "typed_lesions": int(sum(map(sum, s["type_confusion"]["matrix"]))), "type_confusion": s["type_confusion"],
-            "cases_to_site_expert": sum(r.get("expert") == "site" for r in results),
-            "matched_types": {f"{r['case_id']}/{m['gt_id']}": [m["gt_type"], m["pred_type"]]
-                              for r in results for m in r["matches"]}}
-
-
-def paired_types(before: dict, after: dict) -> dict:
-    """Type accuracy of both models on the reference lesions both matched: the models find different lesions,
-    so each one's accuracy over its own matches also moves with which lesions it finds."""
-    common = sorted(set(before["matched_types"]) & set(after["matched_types"]))
-
-    def right(summary):
-        return sum(reference == predicted for reference, predicted in (summary["matched_types"][k] for k in common))
-
-    return {"lesions": len(common), "right_before": right(before), "right_after": right(after),
-            "only_before": len(before["matched_types"]) - len(common),
-            "only_after": len(after["matched_types"]) - len(common)}
+            "cases_to_site_expert": sum(r.get("expert") == "site" for r in results)}
 
 
 def main(argv=None):
@@ -123,7 +114,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    from liverlesionai.finetune import FinetuneSettings, export_phantom_case, finetune
+    from liverlesionai.finetune import FinetuneSettings, export_phantom_case, finetune, same_lesions_typed_right
     from liverlesionai.registry import ModelRegistry, find_shipped_model
 
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -156,8 +147,9 @@ def main(argv=None):
                          "shifted_test": [first_shifted, first_shifted + args.n_test - 1],
                          "original_test": [ORIGINAL_TEST_SEED_BASE, ORIGINAL_TEST_SEED_BASE + n_original - 1]}}
     log("evaluating the parent")
-    results["before"] = {"shifted": evaluate(parent_dir, shifted, cache, args.device, log),
-                         "original": evaluate(parent_dir, original, cache, args.device, log)}
+    folders = {"shifted": shifted, "original": original}
+    before = {dom: case_results(parent_dir, folder, cache, args.device, log) for dom, folder in folders.items()}
+    results["before"] = {dom: summarize(r) for dom, r in before.items()}
     if not args.measure_only:
         registry = ModelRegistry(work / "registry", shipped_dir=parent_dir)
         done = [v.version for v in registry.list_versions() if not v.shipped]
@@ -179,10 +171,11 @@ def main(argv=None):
                                "hyperparameters": card["hyperparameters"], "history": card.get("finetune_history"),
                                "classifier_guard": card.get("classifier_guard")}
         log("evaluating the fine-tuned model")
-        results["after"] = {"shifted": evaluate(new_dir, shifted, cache, args.device, log),
-                            "original": evaluate(new_dir, original, cache, args.device, log)}
-        results["types_on_lesions_both_matched"] = {dom: paired_types(results["before"][dom], results["after"][dom])
-                                                    for dom in ("shifted", "original")}
+        after = {dom: case_results(new_dir, folder, cache, args.device, log) for dom, folder in folders.items()}
+        results["after"] = {dom: summarize(r) for dom, r in after.items()}
+        results["types_on_lesions_both_matched"] = {
+            dom: dict(zip(("lesions", "right_before", "right_after"),
+                          same_lesions_typed_right(before[dom], after[dom]))) for dom in folders}
     results["seconds"] = round(time.time() - started)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,11 +85,11 @@ def main(argv=None):
             new_state = {**state, **{f"site.classifier.{k}": v for k, v in head.state_dict().items()}}
             save_model(model_dir, new_state, {**{k: v for k, v in card.items() if k != "weights_sha256"},
                                               "version": f"{card['version']}-head-{variant}"})
-        metrics = bench.evaluate(model_dir, args.work / next(p.name for p in args.work.glob("shifted_test_*")),
-                                 args.work / "eval_cache", "cpu", lambda m: None)
+        metrics = bench.summarize(bench.case_results(
+            model_dir, args.work / next(p.name for p in args.work.glob("shifted_test_*")), args.work / "eval_cache",
+            "cpu", lambda m: None))
         report["variants"][variant] = {"added_samples": int(sum(len(x) for x in extra_l)), **metrics}
-        print(variant, json.dumps({k: v for k, v in report["variants"][variant].items() if k != "matched_types"}),
-              flush=True)
+        print(variant, json.dumps(report["variants"][variant]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 

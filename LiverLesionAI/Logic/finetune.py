@@ -340,17 +340,54 @@ def _loaded(val_cases):
 def validation_metrics(engine, cases, guard=()) -> dict:
     """Engine output vs. truth on the held-out exported cases, plus ``original_domain_*`` metrics on the
     guard phantoms ((case id, CTVolume, truth) triples)."""
-    metrics = measured_metrics(engine, _loaded(cases))
+    return metrics_of(validation_results(engine, cases, guard))
+
+
+def validation_results(engine, cases, guard=()) -> dict[str, list[dict]]:
+    """``evaluate_case`` results by metric-name prefix: the held-out exported cases ("") and the guard
+    phantoms (GUARD_PREFIX)."""
+    results = {"": measured_results(engine, _loaded(cases))}
     if guard:
-        metrics.update(measured_metrics(engine, guard, GUARD_PREFIX))
-    return metrics
+        results[GUARD_PREFIX] = measured_results(engine, guard)
+    return results
 
 
-def measured_metrics(engine, triples, prefix="") -> dict:
-    """Summary metrics of ``engine``'s results on (case id, CTVolume, truth) triples, names prefixed."""
-    return {prefix + k: v for k, v in _summary([
-        evaluate_case(engine.segment(ct).as_prediction(), truth, ct.ijk_to_ras, case_id=case_id)
-        for case_id, ct, truth in triples]).items()}
+def measured_results(engine, triples) -> list[dict]:
+    """``evaluate_case`` results of ``engine`` on (case id, CTVolume, truth) triples."""
+    return [evaluate_case(engine.segment(ct).as_prediction(), truth, ct.ijk_to_ras, case_id=case_id)
+            for case_id, ct, truth in triples]
+
+
+def metrics_of(results_by_prefix: dict[str, list[dict]]) -> dict:
+    """Summary metrics of each prefix's results, names prefixed."""
+    return {prefix + k: v for prefix, results in results_by_prefix.items() for k, v in _summary(results).items()}
+
+
+SAME_LESIONS_TYPE_ACCURACY = "type_accuracy_same_lesions"
+
+
+def same_lesions_typed_right(parent_results, new_results) -> tuple[int, int, int]:
+    """(reference lesions of known type that both models matched, how many of them the parent typed right, how
+    many the new model) from two models' ``evaluate_case`` results on the same cases."""
+    def right_by_lesion(results):
+        return {(r["case_id"], m["gt_id"]): m["gt_type"] == m["pred_type"]
+                for r in results for m in r["matches"] if m["gt_type"] in LESION_TYPES}
+
+    before, after = right_by_lesion(parent_results), right_by_lesion(new_results)
+    shared = set(before) & set(after)
+    return len(shared), sum(before[k] for k in shared), sum(after[k] for k in shared)
+
+
+def same_lesions_type_accuracy(parent_results, new_results, prefix="") -> tuple[dict, dict]:
+    """The parent's and the new model's type accuracy on the reference lesions both matched, as
+    ``prefix + SAME_LESIONS_TYPE_ACCURACY`` metrics (none when no typed lesion was matched by both). Each
+    model's ``type_accuracy`` counts only the lesions it found, so a model that finds fewer can gain there
+    and still type fewer lesions right (README, fine-tuning evidence)."""
+    shared, parent_right, new_right = same_lesions_typed_right(parent_results, new_results)
+    if not shared:
+        return {}, {}
+    name = prefix + SAME_LESIONS_TYPE_ACCURACY
+    return {name: parent_right / shared}, {name: new_right / shared}
 
 
 def guard_phantoms(n, max_in_plane):
@@ -691,7 +728,8 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         engine = LiverLesionEngine(parent_dir, device=str(device.type))
         report(0.08, "Measuring the current model on the validation cases", "validate")
         guard = guard_phantoms(settings.guard_cases, settings.guard_max_in_plane)
-        parent_metrics = validation_metrics(engine, val_cases, guard)  # the parent as it runs
+        parent_results = validation_results(engine, val_cases, guard)  # the parent as it runs
+        parent_metrics = metrics_of(parent_results)
         log(f"parent {parent_version} validation: {parent_metrics}")
         if settings.domain_gate or parent_gated:
             report(0.09, "Fitting the domain gate on the cases' acquisition", "validate")
@@ -716,7 +754,8 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
                     settings.guard_max_in_plane, site_phantom_domain))
                 selection_cases += site_validation
                 # shown beside the held-out cases: one or two of those say little (README, fine-tuning evidence)
-                parent_metrics.update(measured_metrics(engine, site_validation, SITE_PHANTOM_PREFIX))
+                parent_results[SITE_PHANTOM_PREFIX] = measured_results(engine, site_validation)
+                parent_metrics.update(metrics_of({SITE_PHANTOM_PREFIX: parent_results[SITE_PHANTOM_PREFIX]}))
         parent_filter = engine.config.candidate_filter
         # every epoch is measured with a candidate filter re-tuned for it, so the parent is too: the
         # parent's own filter was tuned on the guard phantoms for its calibration, and any change of
@@ -925,9 +964,14 @@ def finetune(dataset_dir, registry, parent_version: str | None = None, settings:
         new_engine = _engine_with(engine, net.state_dict(), new_head.state_dict())
         new_engine.config.set_candidate_filter(new_filter)
         report(0.92, "Measuring the new model on the validation cases", "validate")
-        new_metrics = validation_metrics(new_engine, val_cases, guard)
+        new_results = validation_results(new_engine, val_cases, guard)
         if site_validation:
-            new_metrics.update(measured_metrics(new_engine, site_validation, SITE_PHANTOM_PREFIX))
+            new_results[SITE_PHANTOM_PREFIX] = measured_results(new_engine, site_validation)
+        new_metrics = metrics_of(new_results)
+        for prefix, results in new_results.items():
+            parent_same, new_same = same_lesions_type_accuracy(parent_results.get(prefix, []), results, prefix)
+            parent_metrics.update(parent_same)
+            new_metrics.update(new_same)
         if classifier_guard and "kept_head" in classifier_guard:  # compared and warned on like the other metrics
             parent_metrics["original_domain_classifier_accuracy"] = classifier_guard["parent_model"]
             new_metrics["original_domain_classifier_accuracy"] = classifier_guard["kept_head"]

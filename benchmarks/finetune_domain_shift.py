@@ -80,6 +80,7 @@ def case_results(model_dir: Path, cases_dir: Path, cache: Path, device, log) -> 
 
 
 def summarize(results: list[dict]) -> dict:
+    """The figures this benchmark reports, from ``case_results``."""
     from liverlesionai.evaluation import aggregate
 
     s = aggregate(results)

@@ -287,3 +287,67 @@ def test_liver_holes_filled_in_3d_only_keep_the_gallbladder_out(shipped_model_di
     assert metrics[True]["detection"]["fp"] == 1 and metrics[False]["detection"]["fp"] == 0
     assert metrics[False]["detection"]["tp"] == metrics[True]["detection"]["tp"] == 7
     assert metrics[False]["liver_dice"] > metrics[True]["liver_dice"] + 0.003
+
+
+def test_great_vessels_are_the_thick_bright_tubes_that_reach_the_liver_surface():
+    """A constructed liver (120 HU) on stage 2's 1.25 mm grid, whose region (as stage 2 makes it) also holds an
+    IVC-like tube (radius 10 mm, +40 HU) along its back; a thin intrahepatic vessel (radius 2.5 mm, +60 HU) and a
+    bright lesion-sized ball (radius 10 mm, +40 HU) lie deep inside. Only the tube is a great vessel; a tube too
+    faint (+15 HU) is not."""
+    from scipy import ndimage
+
+    from liverlesionai.engine import great_vessels
+    from liverlesionai.networks import CascadeConfig
+
+    cfg = CascadeConfig(great_vessel_radius_mm=5.0, great_vessel_min_hu_above_liver=20.0)
+    k, j, i = np.mgrid[:64, :96, :96] * 1.25  # mm
+    liver = ((i - 60) / 50) ** 2 + ((j - 60) / 45) ** 2 + ((k - 40) / 35) ** 2 <= 1
+    tube = ((i - 60) ** 2 + (j - 104) ** 2 <= 10 ** 2) & (k > 15) & (k < 65)  # on the liver's back surface
+    thin = ((i - 45) ** 2 + (j - 60) ** 2 <= 2.5 ** 2) & (k > 25) & (k < 55)
+    ball = (i - 75) ** 2 + (j - 55) ** 2 + (k - 40) ** 2 <= 10 ** 2
+    region = liver | tube
+    rng = np.random.default_rng(0)
+    for contrast, vessel in ((40.0, tube), (15.0, np.zeros_like(tube))):
+        hu = np.where(region, 120.0, -100.0) + rng.normal(0, 10, liver.shape)
+        hu[tube] += contrast
+        hu[thin | ball] += 40.0 + 20.0 * thin[thin | ball]
+        found = great_vessels(hu.astype(np.float32), region, np.zeros_like(region), cfg)
+        assert not (found & (thin | ball | ~region)).any()
+        # the vessel (less the wall blurred into the fat outside) with at most a voxel of partial-volume rim
+        assert not (found & ~ndimage.binary_dilation(vessel)).any() and (found & vessel).sum() >= 0.7 * vessel.sum()
+    # lesion voxels are never vessel voxels, and no liver means no vessel
+    assert not great_vessels(hu.astype(np.float32), region, region, cfg).any()
+    assert not great_vessels(hu.astype(np.float32), np.zeros_like(region), np.zeros_like(region), cfg).any()
+    assert CascadeConfig.from_dict({k: v for k, v in CascadeConfig().to_dict().items()
+                                    if not k.startswith("great_vessel")}).great_vessel_radius_mm is None  # older cards
+    assert CascadeConfig.from_dict(cfg.to_dict()).great_vessel_radius_mm == 5.0
+
+
+def test_the_great_vessel_rule_takes_only_false_liver_out_and_leaves_lesions_alone(shipped_model_dir):
+    """Validation phantom 500024, whose IVC stage 2 takes into the liver: the rule (the shipped model's, or candidate
+    v5.10's: radius 5 mm, 15 HU, no rim) removes voxels that are mostly outside the reference liver, raises the
+    liver Dice, and leaves the lesions exactly as they were."""
+    from liverlesionai.evaluation import dice
+    from liverlesionai.training import GREAT_VESSEL_RULES
+
+    ct, truth = generate_phantom_ct(500_024, max_in_plane=256)
+    reference = truth.liver_mask > 0
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    rule = {k: getattr(engine.config, k) for k in GREAT_VESSEL_RULES[0]}
+    if rule["great_vessel_radius_mm"] is None:
+        rule = {"great_vessel_radius_mm": 5.0, "great_vessel_min_hu_above_liver": 15.0, "great_vessel_rim": False}
+    outputs = engine.run_networks(ct)
+    results = {}
+    for on in (False, True):
+        for k, v in rule.items():
+            setattr(engine.config, k, v if on else (None if k == "great_vessel_radius_mm" else v))
+        results[on] = engine.lesions_from(outputs)
+    off, on = results[False], results[True]
+    assert np.array_equal(on.lesion_instances, off.lesion_instances)
+    assert [r.probabilities for r in on.lesions] == [r.probabilities for r in off.lesions]
+    organ_off = (off.liver_mask > 0) | (off.lesion_instances > 0)
+    organ_on = (on.liver_mask > 0) | (on.lesion_instances > 0)
+    removed = organ_off & ~organ_on
+    assert not (organ_on & ~organ_off).any() and removed.sum() * abs(np.linalg.det(ct.ijk_to_ras[:3, :3])) > 10_000
+    assert (removed & ~reference).sum() >= 0.75 * removed.sum()  # mostly false liver (0.82)
+    assert dice(organ_on, reference) > dice(organ_off, reference) + 0.003

@@ -344,3 +344,37 @@ def test_head_fitted_on_engine_lesions_of_fresh_phantoms(tmp_path, shipped_model
     again = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")  # the model folder is untouched
     assert again.config.candidate_filter == own_filter
     torch.testing.assert_close(again.classifier.mlp[0].weight, engine.classifier.mlp[0].weight)
+
+
+def test_great_vessel_rule_choice_on_known_liver_dice():
+    """The rule of highest mean liver Dice; on a tie off wins, then the larger radius, the higher HU, no rim."""
+    rules = T.GREAT_VESSEL_RULES
+    means = {T.great_vessel_rule_name(r): {"mean_liver_dice": 0.94} for r in (None, *rules)}
+    assert T.choose_great_vessel_rule(means) is None
+    best = {"great_vessel_radius_mm": 5.0, "great_vessel_min_hu_above_liver": 20.0, "great_vessel_rim": False}
+    assert T.choose_great_vessel_rule(means, include_off=False) == best
+    means["r3_hu15_rim"] = {"mean_liver_dice": 0.945}
+    assert T.choose_great_vessel_rule(means) == rules[1] and T.great_vessel_rule_name(rules[1]) == "r3_hu15_rim"
+    assert T.great_vessel_rule_name({"great_vessel_radius_mm": None}) == "off"
+
+
+def test_great_vessel_rules_share_one_network_pass_and_never_touch_lesions(tmp_path, shipped_model_dir):
+    """liver_dice_by_great_vessel_rule on a validation phantom whose IVC stage 2 takes into the liver: off and each
+    rule measured on one network pass, each as a separate engine run measures it, with the same lesions; the
+    engine's own rule is left as it was."""
+    from liverlesionai.evaluation import dice
+
+    ct, truth = generate_phantom_ct(500_024, max_in_plane=160)
+    truth = {"liver_mask": truth.liver_mask, "lesion_instances": truth.lesion_instances,
+             "lesion_types": truth.lesion_types}
+    rules = (T.GREAT_VESSEL_RULES[0], T.GREAT_VESSEL_RULES[-1])
+    engine = LiverLesionEngine(shipped_model_dir, device="cpu", precision="fp32")
+    row = T.liver_dice_by_great_vessel_rule(engine, ct, truth, [None, *rules])
+    assert list(row) == ["off", "r3_hu15", "r5_hu20_rim"] and engine.config.great_vessel_radius_mm is None
+    assert all(v["lesions_unchanged"] for v in row.values())
+    assert len({round(v["liver_dice"], 6) for v in row.values()}) > 1  # the rules do change this liver
+    for k, v in rules[-1].items():
+        setattr(engine.config, k, v)
+    alone = engine.segment(ct)
+    assert row["r5_hu20_rim"]["liver_dice"] == dice((alone.liver_mask > 0) | (alone.lesion_instances > 0),
+                                                    (truth["liver_mask"] > 0) | (truth["lesion_instances"] > 0))

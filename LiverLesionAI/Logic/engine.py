@@ -38,6 +38,7 @@ MAX_LIVER_ML = 5000.0  # beyond even severe hepatomegaly: stage 1 was fooled (e.
 MIN_LESION_MM3 = 14.0  # ~3 mm diameter: the smallest lesion the product reports
 ROI_MARGIN_MM = 15.0
 EDGE_BAND_MM = 2.5  # "near the liver surface" for the lesion candidate filter
+GREAT_VESSEL_SURFACE_MM = 3.0  # a great vessel's bright core comes this close to the stage-2 liver's surface
 
 Progress = Callable[[float, str], None]
 EXPERT_MESSAGES = {  # shown with the result of a gated model (domain_gate)
@@ -373,6 +374,8 @@ class LiverLesionEngine:
         evidence2 = {int(remap[k]): e for k, e in evidence2.items()}
         features2 = {int(remap[k]): f for k, f in features2.items()} if keep_features else {}
         liver_fg = (probs2[1:].astype(np.float32).sum(0)) * liver_region
+        if cfg.great_vessel_radius_mm:
+            liver_fg[great_vessels(denormalize_hu(x2, cfg.hu_window), liver_region, instances2 > 0, cfg)] = 0.0
         lesion_fg = lesion_prob2 * (instances2 > 0)
         # Everything is mapped inside the stage-2 box of the canonical grid, then placed once.
         sub, slices = sub_grid(canon.grid, *grid_bounds(g2))
@@ -529,6 +532,38 @@ def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
     evidence = {int(i): {"confidence": float(confidence[i]), "surface_fraction": float(surface[i])} for i in reportable}
     keep = np.array([i for i in reportable if cfg.passes(evidence[int(i)])], int)
     return keep, {int(i): evidence[int(i)] for i in keep}
+
+
+def great_vessels(hu2, liver_region, lesions2, cfg: CascadeConfig):
+    """Voxels of ``liver_region`` (stage 2's grid, isotropic) that belong to a great vessel: enhancing (at least
+    cfg.great_vessel_min_hu_above_liver above the liver's median, on a lightly smoothed CT), thick enough to hold a
+    ball of cfg.great_vessel_radius_mm, and reaching the region's surface; with cfg.great_vessel_rim, also the
+    vessel's partial-volume rim (the voxels next to it at least half as bright). The IVC and the portal trunk qualify; intrahepatic vessels are
+    thinner, and a bright lesion deep in the liver does not reach its surface."""
+    parenchyma = liver_region & ~lesions2
+    none = np.zeros(liver_region.shape, bool)
+    if not parenchyma.any():
+        return none
+    box = ndimage.find_objects(liver_region.astype(np.uint8))[0]
+    region, parenchyma = liver_region[box], parenchyma[box]
+    sampling = np.asarray(cfg.stage2_spacing, float)[::-1]
+    smooth = ndimage.gaussian_filter(hu2[box].astype(np.float32), 1.0)  # voxel noise would break thin walls
+    above_liver = smooth - np.median(smooth[parenchyma])
+    bright = parenchyma & (above_liver >= cfg.great_vessel_min_hu_above_liver)
+    radius = float(cfg.great_vessel_radius_mm)
+    core = ndimage.distance_transform_edt(bright, sampling=sampling) > radius
+    if not core.any():
+        return none
+    thick = bright & (ndimage.distance_transform_edt(~core, sampling=sampling) <= radius)  # opening by the ball
+    labels, _ = ndimage.label(thick)
+    # the vessel's own blurred wall keeps its core a voxel or two inside the region's surface
+    near_surface = ndimage.distance_transform_edt(region, sampling=sampling) <= GREAT_VESSEL_SURFACE_MM
+    reaching = np.unique(labels[near_surface & thick])
+    vessels = np.isin(labels, reaching[reaching > 0])
+    if cfg.great_vessel_rim:
+        vessels |= ndimage.binary_dilation(vessels) & parenchyma & (above_liver >= cfg.great_vessel_min_hu_above_liver / 2)
+    none[box] = vessels
+    return none
 
 
 def _renumber_by_volume(instances, per_lesion, min_voxels):

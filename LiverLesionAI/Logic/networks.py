@@ -79,6 +79,15 @@ class CascadeConfig:
     # and sagittal slabs alike, and one orientation alone sees a lesion's extent along its slab axis
     # through 3 slices only ("axial" only: models up to v5.2)
     stage2_views: tuple = ("axial",)
+    # thick enhancing tubes that run through the stage-2 liver to its surface (the IVC behind it, the portal
+    # trunk at the hilum) are taken out of the liver mask: reference liver masks leave them out, while stage 2,
+    # which keeps the thinner intrahepatic vessels in the liver as it should, took them in too. A vessel is at
+    # least great_vessel_min_hu_above_liver brighter than the liver's median and holds a ball of
+    # great_vessel_radius_mm (engine.great_vessels); great_vessel_rim: with its partial-volume rim. None: off
+    # (models up to v5.5). Lesions are never changed by it.
+    great_vessel_radius_mm: float | None = None
+    great_vessel_min_hu_above_liver: float = 30.0
+    great_vessel_rim: bool = True
 
     def to_dict(self):
         return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
@@ -87,7 +96,10 @@ class CascadeConfig:
                 "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction,
                 "lesion_threshold": self.lesion_threshold, "fill_liver_holes": self.fill_liver_holes,
                 "fill_holes_in_slices": self.fill_holes_in_slices,
-                "classifier_features": self.classifier_features, "stage2_views": list(self.stage2_views)}
+                "classifier_features": self.classifier_features, "stage2_views": list(self.stage2_views),
+                "great_vessel_radius_mm": self.great_vessel_radius_mm,
+                "great_vessel_min_hu_above_liver": self.great_vessel_min_hu_above_liver,
+                "great_vessel_rim": self.great_vessel_rim}
 
     @classmethod
     def from_dict(cls, d):
@@ -101,7 +113,11 @@ class CascadeConfig:
                    fill_liver_holes=bool(d.get("fill_liver_holes", False)),
                    fill_holes_in_slices=bool(d.get("fill_holes_in_slices", True)),
                    classifier_features=d.get("classifier_features", "encoder"),
-                   stage2_views=tuple(d.get("stage2_views", ("axial",))))
+                   stage2_views=tuple(d.get("stage2_views", ("axial",))),
+                   great_vessel_radius_mm=None if d.get("great_vessel_radius_mm") is None
+                   else float(d["great_vessel_radius_mm"]),
+                   great_vessel_min_hu_above_liver=float(d.get("great_vessel_min_hu_above_liver", 30.0)),
+                   great_vessel_rim=bool(d.get("great_vessel_rim", True)))
 
     @property
     def candidate_filter(self) -> dict:

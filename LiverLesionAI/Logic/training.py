@@ -730,6 +730,71 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# the great-vessel rules (CascadeConfig.great_vessel_*) candidate v5.10 chose from on 48 pool phantoms
+# (benchmarks/liver_vessel_candidate.py; not adopted: it took true liver out of the real case)
+GREAT_VESSEL_RULES = tuple({"great_vessel_radius_mm": r, "great_vessel_min_hu_above_liver": hu, "great_vessel_rim": rim}
+                           for r in (3.0, 4.0, 5.0) for hu in (15.0, 20.0) for rim in (False, True))
+
+
+def great_vessel_rule_name(rule: dict | None) -> str:
+    if not rule or rule.get("great_vessel_radius_mm") is None:
+        return "off"
+    return (f"r{rule['great_vessel_radius_mm']:g}_hu{rule['great_vessel_min_hu_above_liver']:g}"
+            + ("_rim" if rule["great_vessel_rim"] else ""))
+
+
+def liver_dice_by_great_vessel_rule(engine, ct, truth, rules) -> dict:
+    """{rule name: {"liver_dice", "lesions_unchanged"}} of one case (CTVolume, truth dict) under each rule (None:
+    off), stage 1 and 2 run once; "lesions_unchanged": the lesion instances are the first rule's. The engine's
+    config is left as it was."""
+    from .evaluation import dice
+    from .records import SegmentationResult
+
+    reference = (truth["liver_mask"] != 0) | (truth["lesion_instances"] != 0)
+    outputs = engine.run_networks(ct)
+    config = engine.config
+    saved = {k: getattr(config, k) for k in GREAT_VESSEL_RULES[0]}
+    row, lesions = {}, None
+    try:
+        for rule in rules:
+            for k, v in (rule or {**saved, "great_vessel_radius_mm": None}).items():
+                setattr(config, k, v)
+            result = outputs if isinstance(outputs, SegmentationResult) else engine.lesions_from(outputs,
+                                                                                                 classify=False)
+            lesions = result.lesion_instances if lesions is None else lesions
+            row[great_vessel_rule_name(rule)] = {
+                "liver_dice": dice((result.liver_mask != 0) | (result.lesion_instances != 0), reference),
+                "lesions_unchanged": bool(np.array_equal(lesions, result.lesion_instances))}
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+    return row
+
+
+def mean_liver_dice_by_rule(rows: list[dict]) -> dict:
+    """Per rule name over ``liver_dice_by_great_vessel_rule`` rows: mean liver Dice, the cases that lost more than
+    0.005 against "off" (where measured), and whether every case's lesions stayed unchanged."""
+    names = [k for k in rows[0] if k != "case_id"]
+    return {name: {"mean_liver_dice": float(np.mean([r[name]["liver_dice"] for r in rows])),
+                   "cases_liver_dice_lower_by_0.005": int(sum(r[name]["liver_dice"] < r["off"]["liver_dice"] - 0.005
+                                                   for r in rows)) if "off" in rows[0] else None,
+                   "lesions_unchanged": all(r[name]["lesions_unchanged"] for r in rows)} for name in names}
+
+
+def choose_great_vessel_rule(means: dict, rules=GREAT_VESSEL_RULES, include_off=True) -> dict | None:
+    """The rule of highest mean liver Dice (``mean_liver_dice_by_rule``); ties: off, then the larger radius, the
+    higher HU, the rim off. None: off."""
+    candidates = ([None] if include_off else []) + list(rules)
+
+    def rank(rule):
+        score = round(means[great_vessel_rule_name(rule)]["mean_liver_dice"], 6)
+        if rule is None:
+            return score, 1, 0.0, 0.0, 1
+        return (score, 0, rule["great_vessel_radius_mm"], rule["great_vessel_min_hu_above_liver"],
+                int(not rule["great_vessel_rim"]))
+    return max(candidates, key=rank)
+
+
 def _card_metrics(summary):
     keep = ("mean_liver_dice", "global_lesion_dice", "detection", "detection_by_size", "type_accuracy",
             "type_confusion", "n_cases")

@@ -152,3 +152,13 @@ def test_acquisition_variety():
     in_plane = [s[0] for s in spacings]
     assert min(thickness) <= 1.0 and max(thickness) >= 3.0
     assert min(in_plane) < 0.65 and max(in_plane) > 0.85
+
+
+def test_ground_truth_carries_the_tissue_its_masks_come_from():
+    """GroundTruth.tissue (for telling where a model's errors lie): the liver mask is exactly liver, liver vessel
+    and lesion tissue, and every lesion voxel is lesion tissue."""
+    ct, truth = ph.generate_phantom_ct(3, max_in_plane=96)
+    assert truth.tissue.shape == ct.voxels.shape and truth.tissue.dtype == np.uint8
+    assert np.array_equal(truth.liver_mask > 0, np.isin(truth.tissue, (ph.LIVER, ph.LIVER_VESSEL, ph.LESION)))
+    assert (truth.tissue[truth.lesion_instances > 0] == ph.LESION).all()
+    assert {ph.VESSEL, ph.MUSCLE, ph.BONE} <= set(np.unique(truth.tissue).tolist())

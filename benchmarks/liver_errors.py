@@ -1,7 +1,7 @@
 """Where a model's liver errors lie on phantoms: false-positive and missed liver by the generator's tissue.
 
-The liver compared is the organ (liver and lesions), as ``evaluate``'s liver Dice. Each phantom is rendered again
-from its seed with its tissue map (phantom.render, the same random stream as generate_phantom_ct).
+The liver compared is the organ (liver and lesions), as ``evaluate``'s liver Dice; the tissue labels are the
+generator's (GroundTruth.tissue).
 
     python benchmarks/liver_errors.py --model LiverLesionAI/Resources/Models/liverlesionai-v5.5 --seeds 0-19 \\
         --out benchmarks/results/liver_errors_v5.5_test.json
@@ -15,22 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def phantom_with_tissue(seed: int, max_in_plane: int):
-    """(CTVolume, truth, tissue labels) of test phantom ``seed``, as generate_phantom_ct makes it."""
-    from liverlesionai import phantom as ph
-
-    phantom = ph.make_phantom(seed, None)
-    rng = np.random.default_rng(seed + 7)
-    grid = ph.acquisition_grid(phantom, rng)
-    if grid.shape[2] > max_in_plane:
-        factor = grid.shape[2] / max_in_plane
-        grid = ph.Grid(grid.origin, grid.spacing * np.array([factor, factor, 1.0]),
-                       (grid.shape[0], max_in_plane, max_in_plane))
-    _, tissue, _ = ph.render(phantom, grid, rng)
-    ct, truth = ph.generate_phantom_ct(seed, max_in_plane=max_in_plane)
-    return ct, truth, tissue
 
 
 def main(argv=None):
@@ -55,7 +39,8 @@ def main(argv=None):
     cases = []
     for seed in range(first, last + 1):
         started = time.perf_counter()
-        ct, truth, tissue = phantom_with_tissue(seed, args.max_in_plane)
+        ct, truth = ph.generate_phantom_ct(seed, max_in_plane=args.max_in_plane)
+        tissue = truth.tissue
         reference = truth.liver_mask > 0
         result = engine.segment(ct)
         organ = (result.liver_mask > 0) | (result.lesion_instances > 0)

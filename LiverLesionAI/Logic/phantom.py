@@ -621,6 +621,7 @@ class GroundTruth:
     liver_mask: np.ndarray  # [k, j, i] uint8, liver incl. lesions
     lesion_instances: np.ndarray  # uint16
     lesion_types: dict  # id -> type
+    tissue: np.ndarray | None = None  # [k, j, i] uint8 tissue labels (AIR ... TABLE): where errors lie
 
     @property
     def label_map(self):
@@ -672,4 +673,4 @@ def generate_phantom_ct(seed: int, grid: Grid | None = None, domain: dict | None
         remap[old_id] = new_id
         new_types[new_id] = types[old_id]
     instances = remap[instances]
-    return CTVolume(hu, grid.ijk_to_ras, name=f"phantom_{seed}"), GroundTruth(liver, instances, new_types)
+    return CTVolume(hu, grid.ijk_to_ras, name=f"phantom_{seed}"), GroundTruth(liver, instances, new_types, tissue)

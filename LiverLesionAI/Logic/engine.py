@@ -538,12 +538,12 @@ def great_vessels(hu2, liver_region, lesions2, cfg: CascadeConfig):
     """Voxels of ``liver_region`` (stage 2's grid, isotropic) that belong to a great vessel: enhancing (at least
     cfg.great_vessel_min_hu_above_liver above the liver's median, on a lightly smoothed CT), thick enough to hold a
     ball of cfg.great_vessel_radius_mm, and reaching the region's surface; with cfg.great_vessel_rim, also the
-    vessel's partial-volume rim (the voxels next to it at least half as bright). The IVC and the portal trunk qualify; intrahepatic vessels are
-    thinner, and a bright lesion deep in the liver does not reach its surface."""
+    vessel's partial-volume rim (the voxels next to it at least half as bright). The IVC and the portal trunk
+    qualify; intrahepatic vessels are thinner, and a bright lesion deep in the liver does not reach its surface."""
+    found = np.zeros(liver_region.shape, bool)
     parenchyma = liver_region & ~lesions2
-    none = np.zeros(liver_region.shape, bool)
     if not parenchyma.any():
-        return none
+        return found
     box = ndimage.find_objects(liver_region.astype(np.uint8))[0]
     region, parenchyma = liver_region[box], parenchyma[box]
     sampling = np.asarray(cfg.stage2_spacing, float)[::-1]
@@ -553,7 +553,7 @@ def great_vessels(hu2, liver_region, lesions2, cfg: CascadeConfig):
     radius = float(cfg.great_vessel_radius_mm)
     core = ndimage.distance_transform_edt(bright, sampling=sampling) > radius
     if not core.any():
-        return none
+        return found
     thick = bright & (ndimage.distance_transform_edt(~core, sampling=sampling) <= radius)  # opening by the ball
     labels, _ = ndimage.label(thick)
     # the vessel's own blurred wall keeps its core a voxel or two inside the region's surface
@@ -561,9 +561,10 @@ def great_vessels(hu2, liver_region, lesions2, cfg: CascadeConfig):
     reaching = np.unique(labels[near_surface & thick])
     vessels = np.isin(labels, reaching[reaching > 0])
     if cfg.great_vessel_rim:
-        vessels |= ndimage.binary_dilation(vessels) & parenchyma & (above_liver >= cfg.great_vessel_min_hu_above_liver / 2)
-    none[box] = vessels
-    return none
+        rim_bright = above_liver >= cfg.great_vessel_min_hu_above_liver / 2
+        vessels |= ndimage.binary_dilation(vessels) & parenchyma & rim_bright
+    found[box] = vessels
+    return found
 
 
 def _renumber_by_volume(instances, per_lesion, min_voxels):

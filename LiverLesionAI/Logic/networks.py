@@ -81,13 +81,14 @@ class CascadeConfig:
     stage2_views: tuple = ("axial",)
     # thick enhancing tubes that run through the stage-2 liver to its surface (the IVC behind it, the portal
     # trunk at the hilum) are taken out of the liver mask: reference liver masks leave them out, while stage 2,
-    # which keeps the thinner intrahepatic vessels in the liver as it should, took them in too. A vessel is at
+    # which keeps the thinner intrahepatic vessels in the liver as it should, takes them in too. A vessel is at
     # least great_vessel_min_hu_above_liver brighter than the liver's median and holds a ball of
-    # great_vessel_radius_mm (engine.great_vessels); great_vessel_rim: with its partial-volume rim. None: off
-    # (models up to v5.5). Lesions are never changed by it.
+    # great_vessel_radius_mm (engine.great_vessels); great_vessel_rim: with its partial-volume rim. Lesions are
+    # never changed by it. None: off, as in every shipped model (candidate v5.10 was vetoed by the real case:
+    # README)
     great_vessel_radius_mm: float | None = None
     great_vessel_min_hu_above_liver: float = 30.0
-    great_vessel_rim: bool = True
+    great_vessel_rim: bool = False
 
     def to_dict(self):
         return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
@@ -117,7 +118,7 @@ class CascadeConfig:
                    great_vessel_radius_mm=None if d.get("great_vessel_radius_mm") is None
                    else float(d["great_vessel_radius_mm"]),
                    great_vessel_min_hu_above_liver=float(d.get("great_vessel_min_hu_above_liver", 30.0)),
-                   great_vessel_rim=bool(d.get("great_vessel_rim", True)))
+                   great_vessel_rim=bool(d.get("great_vessel_rim", False)))
 
     @property
     def candidate_filter(self) -> dict:

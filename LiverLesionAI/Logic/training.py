@@ -774,10 +774,13 @@ def liver_dice_by_great_vessel_rule(engine, ct, truth, rules) -> dict:
 def mean_liver_dice_by_rule(rows: list[dict]) -> dict:
     """Per rule name over ``liver_dice_by_great_vessel_rule`` rows: mean liver Dice, the cases that lost more than
     0.005 against "off" (where measured), and whether every case's lesions stayed unchanged."""
+    def lower(name):
+        return int(sum(r[name]["liver_dice"] < r["off"]["liver_dice"] - 0.005 for r in rows)) if "off" in rows[0] \
+            else None
+
     names = [k for k in rows[0] if k != "case_id"]
     return {name: {"mean_liver_dice": float(np.mean([r[name]["liver_dice"] for r in rows])),
-                   "cases_liver_dice_lower_by_0.005": int(sum(r[name]["liver_dice"] < r["off"]["liver_dice"] - 0.005
-                                                   for r in rows)) if "off" in rows[0] else None,
+                   "cases_liver_dice_lower_by_0.005": lower(name),
                    "lesions_unchanged": all(r[name]["lesions_unchanged"] for r in rows)} for name in names}
 
 

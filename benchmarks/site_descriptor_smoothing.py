@@ -34,34 +34,38 @@ def _confusion(labels, predicted) -> list:
     return matrix.tolist()
 
 
+_SIGMA = {"value": 0.0}  # the smoothing the patched descriptors apply now
+
+
+def _smoothed_descriptors(original):
+    def descriptors(image, mask):
+        sigma = _SIGMA["value"]
+        return original(ndimage.gaussian_filter(np.asarray(image, np.float32), sigma) if sigma else image, mask)
+    return descriptors
+
+
 def reference_lesions(model: Path, domain_name: str, count: int, seed: int) -> dict:
-    """Type accuracy of the domain's expert on ``count`` reference-mask lesions under each sigma (the stage-2 pass
-    shared, only the descriptors recomputed)."""
+    """Type accuracy of the domain's expert on ``count`` reference-mask lesions under each sigma (each lesion drawn
+    once, its view vectors made once per sigma)."""
     from liverlesionai import training
-    from liverlesionai.descriptors import lesion_view_descriptors
     from liverlesionai.engine import LiverLesionEngine
-    from liverlesionai.networks import STAGE2_FIRST_LESION
 
     vectors = {s: [] for s in SIGMAS}
+    original_vectors, original_descriptors = training.lesion_view_vectors, training.lesion_view_descriptors
 
-    def every_sigma(stage2, inputs, masks, device, kind):
-        x, m = torch.as_tensor(inputs, device=device), torch.as_tensor(masks, device=device)
-        probs = stage2.decoder(stage2.encoder(x)).float().softmax(1)[:, STAGE2_FIRST_LESION:]
-        type_probs = (probs * m).sum((2, 3)) / (probs * m).sum((1, 2, 3)).clamp(min=1e-6)[:, None]
-        centre = (inputs.shape[1] - 2) // 2
+    def every_sigma(*args):
         for sigma in SIGMAS:
-            patch = torch.as_tensor(np.stack([lesion_view_descriptors(
-                ndimage.gaussian_filter(image[centre], sigma) if sigma else image[centre], mask[0])
-                for image, mask in zip(inputs, masks)]))
-            vectors[sigma].append(torch.cat([patch, type_probs], 1).reshape(-1, 3 * (patch.shape[1] + 3)))
-        plain = vectors[0.0][-1].reshape(-1, 3, vectors[0.0][-1].shape[1] // 3)
-        return [plain[:, v] for v in range(3)]
+            _SIGMA["value"] = sigma
+            vectors[sigma].append(torch.cat(original_vectors(*args), dim=1))
+        _SIGMA["value"] = 0.0
+        return original_vectors(*args)
 
     engine = LiverLesionEngine(model, device="cpu")
     card = json.loads((Path(model) / "model_card.json").read_text())
     domain = card["site_phantom_domain"] if domain_name == "site" else None
     expert = engine.experts["site" if domain_name == "site" else "parent"]
-    training.lesion_view_vectors, original = every_sigma, training.lesion_view_vectors
+    training.lesion_view_vectors = every_sigma
+    training.lesion_view_descriptors = _smoothed_descriptors(original_descriptors)
     try:
         with torch.inference_mode():
             _, labels = training.classifier_samples(
@@ -70,7 +74,7 @@ def reference_lesions(model: Path, domain_name: str, count: int, seed: int) -> d
                 count, np.random.default_rng(seed), engine.device, log=lambda m: None)
             predicted = {s: expert.classifier([torch.cat(vectors[s])]).argmax(1) for s in SIGMAS}
     finally:
-        training.lesion_view_vectors = original
+        training.lesion_view_vectors, training.lesion_view_descriptors = original_vectors, original_descriptors
     return {str(s): {"type_accuracy": float((p == labels).float().mean()),
                      "confusion": _confusion(labels.tolist(), p.tolist())} for s, p in predicted.items()}
 
@@ -83,27 +87,21 @@ def engine_lesions(model: Path, cases_dir: Path) -> dict:
     from liverlesionai.evaluation import aggregate, evaluate_case
     from liverlesionai.records import SegmentationResult
 
-    sigma = {"value": 0.0}
-    original = training.lesion_view_descriptors
-
-    def smoothed(image, mask):
-        return original(ndimage.gaussian_filter(np.asarray(image, np.float32), sigma["value"])
-                        if sigma["value"] else image, mask)
-
     engine = LiverLesionEngine(model, device="cpu")
     results = {s: [] for s in SIGMAS}
-    training.lesion_view_descriptors = smoothed
+    original = training.lesion_view_descriptors
+    training.lesion_view_descriptors = _smoothed_descriptors(original)
     try:
         for case in find_cases(cases_dir):
             ct, truth = case.load_image(), case.load_truth()
             outputs = engine.run_networks(ct)
             for s in SIGMAS:
                 gated = not isinstance(outputs, SegmentationResult) and outputs.expert == "site"
-                sigma["value"] = s if gated else 0.0
+                _SIGMA["value"] = s if gated else 0.0
                 result = outputs if isinstance(outputs, SegmentationResult) else engine.lesions_from(outputs)
                 results[s].append(evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case_id=case.case_id))
     finally:
-        training.lesion_view_descriptors = original
+        training.lesion_view_descriptors, _SIGMA["value"] = original, 0.0
     summary = {}
     for s, rows in results.items():
         a = aggregate(rows)

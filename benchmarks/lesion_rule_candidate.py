@@ -162,6 +162,22 @@ def phantom_set(root: Path, seeds, workers: int) -> Path:
     return root
 
 
+def pool_judge_arguments(description: str, argv=None) -> argparse.Namespace:
+    """The command line of a benchmark run on the pool and judge phantoms and the real case; refuses an existing
+    --out (an earlier result is never overwritten)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True, help="the shipped model it starts from (v5.5)")
+    parser.add_argument("--cases", type=Path, required=True, help="folder for the pool and judge phantoms")
+    parser.add_argument("--real-case", type=Path, default=Path(__file__).resolve().parents[2] /
+                        "shared/data/ircadb-01/case_01")
+    parser.add_argument("--threads", type=int, default=2, help="processes (one thread each)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists: not overwriting an earlier result")
+    return args
+
+
 def triples(folder: Path):
     from liverlesionai.datasets import find_cases
 

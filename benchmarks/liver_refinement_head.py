@@ -24,7 +24,6 @@ Result (2026-12-06, 741 s on 2 processes; best on the pool: remove below 0.05, a
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import time
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lesion_rule_candidate import JUDGE_SEEDS, MAX_IN_PLANE, POOL_SEEDS, phantom_set
+from lesion_rule_candidate import JUDGE_SEEDS, MAX_IN_PLANE, POOL_SEEDS, phantom_set, pool_judge_arguments
 
 TRAIN_SEEDS = range(1_950_000, 1_950_080)
 SHELL_MM = 4.0
@@ -193,16 +192,7 @@ def _liver_dice_by_rule(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="the shipped model (v5.5)")
-    parser.add_argument("--cases", type=Path, required=True, help="folder for the pool and judge phantoms")
-    parser.add_argument("--real-case", type=Path, default=Path(__file__).resolve().parents[2] /
-                        "shared/data/ircadb-01/case_01")
-    parser.add_argument("--threads", type=int, default=2, help="processes (one thread each)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists: not overwriting an earlier result")
+    args = pool_judge_arguments(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
     report = {"model": args.model, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop - 1], "samples_per_phantom": SAMPLES}

@@ -19,14 +19,13 @@ Result (2026-12-06, 880 s on 2 processes): judge +0.0042, lesions unchanged, rea
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from lesion_rule_candidate import JUDGE_SEEDS, POOL_SEEDS, phantom_set
+from lesion_rule_candidate import JUDGE_SEEDS, POOL_SEEDS, phantom_set, pool_judge_arguments
 from liverlesionai.training import (GREAT_VESSEL_RULES, choose_great_vessel_rule, great_vessel_rule_name,
                                     mean_liver_dice_by_rule)
 
@@ -68,16 +67,7 @@ def liver_dice_by_rule(model: str, cases_dir: Path, rules: list, workers: int) -
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="the parent model (v5.5)")
-    parser.add_argument("--cases", type=Path, required=True, help="folder for the pool and judge phantoms")
-    parser.add_argument("--real-case", type=Path, default=Path(__file__).resolve().parents[2] /
-                        "shared/data/ircadb-01/case_01")
-    parser.add_argument("--threads", type=int, default=2, help="processes (one thread each)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists: not overwriting an earlier result")
+    args = pool_judge_arguments(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
     report = {"candidate": "v5.10", "declaration": DECLARATION, "model": args.model,
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),

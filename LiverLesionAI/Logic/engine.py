@@ -358,6 +358,9 @@ class LiverLesionEngine:
             lesion_mask = (lesion_prob2 >= cfg.lesion_threshold) & liver_region
         instances2, n = ndimage.label(lesion_mask, structure=np.ones((3, 3, 3)))
         keep, evidence2 = _lesion_candidates(instances2, n, lesion_prob2, liver_region, cfg)
+        if cfg.lesion_appendage_radius_mm:  # after the filter, which judges the whole component
+            instances2[lesion_appendages(np.isin(instances2, keep), cfg.stage2_spacing,
+                                         cfg.lesion_appendage_radius_mm)] = 0
 
         progress(0.6, f"Classifying {len(keep)} lesion(s)")
         features2 = self._lesion_features(x2, prior2, instances2, keep, expert) if classify else {}
@@ -532,6 +535,33 @@ def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
     evidence = {int(i): {"confidence": float(confidence[i]), "surface_fraction": float(surface[i])} for i in reportable}
     keep = np.array([i for i in reportable if cfg.passes(evidence[int(i)])], int)
     return keep, {int(i): evidence[int(i)] for i in keep}
+
+
+def lesion_appendages(lesion_mask, spacing_xyz, radius_mm):
+    """What hangs off a lesion's main body: per 26-connected component of ``lesion_mask`` (a canonical grid of
+    ``spacing_xyz``) that holds a ball of ``radius_mm`` somewhere, the voxels outside its largest piece of the
+    opening by that ball: sheets and bridges thinner than the ball's diameter, what lies beyond them, and the
+    sharpest corners. Components thinner than the ball throughout (small lesions) keep every voxel."""
+    found = np.zeros(lesion_mask.shape, bool)
+    if not lesion_mask.any():
+        return found
+    box = ndimage.find_objects(lesion_mask.astype(np.uint8))[0]
+    mask = lesion_mask[box]
+    sampling = np.asarray(spacing_xyz, float)[::-1]
+    core = ndimage.distance_transform_edt(mask, sampling=sampling) > radius_mm  # centres of the balls that fit
+    if not core.any():
+        return found
+    covered = mask & (ndimage.distance_transform_edt(~core, sampling=sampling) <= radius_mm)  # opening by the ball
+    connectivity = np.ones((3, 3, 3))
+    components, _ = ndimage.label(mask, structure=connectivity)
+    pieces, n = ndimage.label(covered, structure=connectivity)
+    size = np.bincount(pieces.ravel())[1:]
+    owner = np.asarray(ndimage.maximum(components, pieces, index=np.arange(1, n + 1)), int)
+    main_piece = {}
+    for piece in np.argsort(-size, kind="stable") + 1:
+        main_piece.setdefault(owner[piece - 1], piece)
+    found[box] = mask & ~np.isin(pieces, list(main_piece.values())) & np.isin(components, list(main_piece))
+    return found
 
 
 def great_vessels(hu2, liver_region, lesions2, cfg: CascadeConfig):

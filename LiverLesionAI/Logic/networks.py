@@ -89,6 +89,12 @@ class CascadeConfig:
     great_vessel_radius_mm: float | None = None
     great_vessel_min_hu_above_liver: float = 30.0
     great_vessel_rim: bool = False
+    # a lesion is cut down to its main body before it is filtered, typed and measured: what hangs off it through
+    # parts thinner than a ball of this radius (sheets along the liver's surface, bridges to dark tissue at the
+    # hilum) goes back to the liver (engine.lesion_appendages). On the real case such parts joined its largest
+    # tumour (84 mL, 80 mm long axis) to a rim of the liver's surface: reported 153 mm long. A lesion thinner
+    # than the ball throughout is kept whole. None: off, as in every shipped model (candidate v5.11: README)
+    lesion_appendage_radius_mm: float | None = None
 
     def to_dict(self):
         return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
@@ -100,7 +106,8 @@ class CascadeConfig:
                 "classifier_features": self.classifier_features, "stage2_views": list(self.stage2_views),
                 "great_vessel_radius_mm": self.great_vessel_radius_mm,
                 "great_vessel_min_hu_above_liver": self.great_vessel_min_hu_above_liver,
-                "great_vessel_rim": self.great_vessel_rim}
+                "great_vessel_rim": self.great_vessel_rim,
+                "lesion_appendage_radius_mm": self.lesion_appendage_radius_mm}
 
     @classmethod
     def from_dict(cls, d):
@@ -118,7 +125,9 @@ class CascadeConfig:
                    great_vessel_radius_mm=None if d.get("great_vessel_radius_mm") is None
                    else float(d["great_vessel_radius_mm"]),
                    great_vessel_min_hu_above_liver=float(d.get("great_vessel_min_hu_above_liver", 30.0)),
-                   great_vessel_rim=bool(d.get("great_vessel_rim", False)))
+                   great_vessel_rim=bool(d.get("great_vessel_rim", False)),
+                   lesion_appendage_radius_mm=None if d.get("lesion_appendage_radius_mm") is None
+                   else float(d["lesion_appendage_radius_mm"]))
 
     @property
     def candidate_filter(self) -> dict:

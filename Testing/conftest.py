@@ -12,7 +12,7 @@ torch.set_num_threads(1)  # the machine is shared with a training run
 
 # LIVERLESIONAI_TEST_MODEL points the "shipped model" tests at another model folder (e.g. a new build)
 SHIPPED_MODEL = Path(os.environ.get("LIVERLESIONAI_TEST_MODEL") or
-                     Path(__file__).resolve().parents[1] / "LiverLesionAI/Resources/Models/liverlesionai-v5.5")
+                     Path(__file__).resolve().parents[1] / "LiverLesionAI/Resources/Models/liverlesionai-v5.12")
 
 
 def make_tiny_model(model_dir, seed: int = 0, liver_bias: float | None = None, lesion_bias: float | None = None,

@@ -366,9 +366,10 @@ def test_great_vessels_are_the_thick_bright_tubes_that_reach_the_liver_surface()
 def test_a_lesion_is_cut_down_to_its_main_body():
     """On stage 2's 1.25 mm grid: a tumour-sized ball (radius 15 mm) with a one-voxel sheet along it (as stage 2's
     lesion mask hugs the liver's surface) and, through a 2.5 mm bridge, a smaller ball (radius 6 mm) beyond it; a
-    small lesion (radius 2 mm) elsewhere. With a 2.5 mm ball the sheet, the bridge and the smaller ball go (the
-    main body is the largest piece), the tumour keeps nearly every voxel, and the small lesion, thinner than the
-    ball throughout, keeps all of its voxels. With no ball fitting anywhere, nothing goes."""
+    small lesion (radius 2 mm) elsewhere. With a 2.5 mm ball the sheet, the bridge and the smaller ball go but for
+    the roots within 2.5 mm of the tumour (the main body is the largest piece), the tumour keeps every voxel, and
+    the small lesion, thinner than the ball throughout, keeps all of its voxels. With no ball fitting anywhere,
+    nothing goes."""
     from liverlesionai.engine import lesion_appendages
     from liverlesionai.networks import CascadeConfig
 
@@ -382,10 +383,10 @@ def test_a_lesion_is_cut_down_to_its_main_body():
     lesions = tumour | sheet | bridge | beyond | small
     cut = lesion_appendages(lesions, spacing, 2.5)
     assert not (cut & ~lesions).any() and not (cut & small).any()
-    assert (cut & beyond).sum() == beyond.sum()
-    assert (cut & sheet).sum() >= 0.9 * sheet.sum()  # but where it meets the tumour (1552 of 1632)
-    assert (cut & bridge & ~tumour).sum() >= 0.9 * (bridge & ~tumour).sum()
-    assert (cut & tumour).sum() <= 0.02 * tumour.sum()
+    assert (cut & beyond).sum() == beyond.sum() and not (cut & tumour).any()
+    # all but their roots, within the ball's radius of the tumour (sheet 1484 of 1632, bridge 215 of 242)
+    assert 0.85 * sheet.sum() <= (cut & sheet).sum() < sheet.sum()
+    assert 0.85 * (bridge & ~tumour).sum() <= (cut & bridge & ~tumour).sum() < (bridge & ~tumour).sum()
     assert not lesion_appendages(sheet | small, spacing, 2.5).any()  # no ball fits: nothing is cut
     assert not lesion_appendages(np.zeros_like(lesions), spacing, 2.5).any()
     assert CascadeConfig.from_dict({k: v for k, v in CascadeConfig(lesion_appendage_radius_mm=2.5).to_dict().items()

@@ -14,7 +14,7 @@ from PIL import Image
 from liverlesionai.geometry import canonicalize, resample_separable
 
 REAL_IMAGE = Path(__file__).resolve().parents[1].parent / "shared/data/ircadb-01/case_01/image.nii.gz"
-LESION = 2  # a 3 mL metastasis-typed lesion of the real case under v5.5: a few seconds to explain
+LESION = 2  # a 3 mL metastasis-typed lesion of the real case under the shipped model: a few seconds to explain
 
 
 @pytest.fixture(scope="module")

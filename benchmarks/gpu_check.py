@@ -173,7 +173,7 @@ def finetune_cli(model, device, smoke):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default=str(REPO / "LiverLesionAI/Resources/Models/liverlesionai-v5.5"))
+    p.add_argument("--model", default=str(REPO / "LiverLesionAI/Resources/Models/liverlesionai-v5.12"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU only: checks the script itself")
     p.add_argument("--skip", default="", help="comma-separated parts to skip")
     a = p.parse_args(argv)

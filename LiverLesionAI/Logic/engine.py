@@ -539,9 +539,10 @@ def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
 
 def lesion_appendages(lesion_mask, spacing_xyz, radius_mm):
     """What hangs off a lesion's main body: per 26-connected component of ``lesion_mask`` (a canonical grid of
-    ``spacing_xyz``) that holds a ball of ``radius_mm`` somewhere, the voxels outside its largest piece of the
-    opening by that ball: sheets and bridges thinner than the ball's diameter, what lies beyond them, and the
-    sharpest corners. Components thinner than the ball throughout (small lesions) keep every voxel."""
+    ``spacing_xyz``) that holds a ball of ``radius_mm`` somewhere, its voxels farther than ``radius_mm`` from the
+    largest piece of its opening by that ball: the sheets and bridges thinner than the ball's diameter beyond
+    their roots, and what lies beyond them. The corners the opening shaves off stay. Components thinner than the
+    ball throughout (small lesions) keep every voxel."""
     found = np.zeros(lesion_mask.shape, bool)
     if not lesion_mask.any():
         return found
@@ -560,7 +561,9 @@ def lesion_appendages(lesion_mask, spacing_xyz, radius_mm):
     main_piece = {}
     for piece in np.argsort(-size, kind="stable") + 1:
         main_piece.setdefault(owner[piece - 1], piece)
-    found[box] = mask & ~np.isin(pieces, list(main_piece.values())) & np.isin(components, list(main_piece))
+    main_body = np.isin(pieces, list(main_piece.values()))
+    near_body = ndimage.distance_transform_edt(~main_body, sampling=sampling) <= radius_mm
+    found[box] = mask & ~near_body & np.isin(components, list(main_piece))
     return found
 
 

@@ -8,7 +8,7 @@ import torch
 
 from liverlesionai import training as T
 from liverlesionai.engine import LiverLesionEngine
-from liverlesionai.model_io import load_model
+from liverlesionai.model_io import load_model, read_model_card
 from liverlesionai.networks import EVIDENCE_KEYS, FILTER_OFF, CascadeConfig
 from liverlesionai.phantom import generate_phantom_ct
 
@@ -114,15 +114,16 @@ def test_train_resume_assemble_and_run(tmp_path):
     assert all(torch.equal(state_head[k], state[k]) for k in state if not k.startswith("classifier."))
 
 
-def test_a_built_model_carries_the_tuned_rule_and_the_shipped_main_body_radius():
+def test_a_built_model_carries_the_tuned_rule_and_the_shipped_main_body_radius(shipped_model_dir):
     """build_model's card: the rule tune_candidate_filter chose, and lesions cut down to their main body with the
-    shipped radius (v5.12's 2.5 mm), which an engine loading the card applies."""
+    shipped model's radius (v5.12's 2.5 mm), which an engine loading the card applies."""
     tuning = {"lesion_threshold": 0.2, "fill_liver_holes": True, "min_lesion_confidence": 0.45,
               "max_surface_fraction": 0.3, "validation_f1": 0.5}
     rule = T.shipped_lesion_rule(tuning)
     assert rule == {"lesion_threshold": 0.2, "fill_liver_holes": True, "min_lesion_confidence": 0.45,
                     "max_surface_fraction": 0.3, "lesion_appendage_radius_mm": T.LESION_APPENDAGE_RADIUS_MM}
-    assert T.LESION_APPENDAGE_RADIUS_MM == 2.5
+    shipped = read_model_card(shipped_model_dir)["architecture"]
+    assert T.LESION_APPENDAGE_RADIUS_MM == shipped["lesion_appendage_radius_mm"] == 2.5
     config = CascadeConfig.from_dict({**CascadeConfig().to_dict(), **rule})
     assert config.lesion_appendage_radius_mm == 2.5 and config.candidate_filter == {
         "min_lesion_confidence": 0.45, "max_surface_fraction": 0.3}

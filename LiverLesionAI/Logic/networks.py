@@ -89,11 +89,12 @@ class CascadeConfig:
     great_vessel_radius_mm: float | None = None
     great_vessel_min_hu_above_liver: float = 30.0
     great_vessel_rim: bool = False
-    # a lesion is cut down to its main body before it is filtered, typed and measured: what hangs off it through
-    # parts thinner than a ball of this radius (sheets along the liver's surface, bridges to dark tissue at the
-    # hilum) goes back to the liver (engine.lesion_appendages). On the real case such parts joined its largest
-    # tumour (84 mL, 80 mm long axis) to a rim of the liver's surface: reported 153 mm long. A lesion thinner
-    # than the ball throughout is kept whole. None: off, as in every shipped model (candidate v5.11: README)
+    # a lesion the candidate filter kept (the filter judges the whole component) is cut down to its main body
+    # before it is typed and measured: what hangs off it through parts thinner than a ball of this radius (sheets
+    # along the liver's surface, bridges to dark tissue at the hilum), beyond the radius of the main body, goes back
+    # to the liver (engine.lesion_appendages). On the real case such parts joined its largest tumour (84 mL, 80 mm
+    # long axis) to a rim of the liver's surface: reported 153 mm long. A lesion thinner than the ball throughout is
+    # kept whole. None: off (models up to v5.5); v5.12: 2.5 mm (README, candidates v5.11 and v5.12)
     lesion_appendage_radius_mm: float | None = None
 
     def to_dict(self):

@@ -537,6 +537,15 @@ def _lesion_candidates(instances2, n, lesion_prob2, organ, cfg: CascadeConfig):
     return keep, {int(i): evidence[int(i)] for i in keep}
 
 
+def opening_by_ball(mask, sampling_kji, radius_mm):
+    """The voxels of ``mask`` covered by a ball of ``radius_mm`` lying inside it (morphological opening by the
+    ball, through two distance transforms: exact for any radius and anisotropic ``sampling_kji``)."""
+    core = ndimage.distance_transform_edt(mask, sampling=sampling_kji) > radius_mm  # centres of the balls that fit
+    if not core.any():
+        return core
+    return mask & (ndimage.distance_transform_edt(~core, sampling=sampling_kji) <= radius_mm)
+
+
 def lesion_appendages(lesion_mask, spacing_xyz, radius_mm):
     """What hangs off a lesion's main body: per 26-connected component of ``lesion_mask`` (a canonical grid of
     ``spacing_xyz``) that holds a ball of ``radius_mm`` somewhere, its voxels farther than ``radius_mm`` from the
@@ -549,10 +558,9 @@ def lesion_appendages(lesion_mask, spacing_xyz, radius_mm):
     box = ndimage.find_objects(lesion_mask.astype(np.uint8))[0]
     mask = lesion_mask[box]
     sampling = np.asarray(spacing_xyz, float)[::-1]
-    core = ndimage.distance_transform_edt(mask, sampling=sampling) > radius_mm  # centres of the balls that fit
-    if not core.any():
+    covered = opening_by_ball(mask, sampling, radius_mm)
+    if not covered.any():
         return found
-    covered = mask & (ndimage.distance_transform_edt(~core, sampling=sampling) <= radius_mm)  # opening by the ball
     connectivity = np.ones((3, 3, 3))
     components, _ = ndimage.label(mask, structure=connectivity)
     pieces, n = ndimage.label(covered, structure=connectivity)
@@ -584,10 +592,9 @@ def great_vessels(hu2, liver_region, lesions2, cfg: CascadeConfig):
     above_liver = smooth - np.median(smooth[parenchyma])
     bright = parenchyma & (above_liver >= cfg.great_vessel_min_hu_above_liver)
     radius = float(cfg.great_vessel_radius_mm)
-    core = ndimage.distance_transform_edt(bright, sampling=sampling) > radius
-    if not core.any():
+    thick = opening_by_ball(bright, sampling, radius)
+    if not thick.any():
         return found
-    thick = bright & (ndimage.distance_transform_edt(~core, sampling=sampling) <= radius)  # opening by the ball
     labels, _ = ndimage.label(thick)
     # the vessel's own blurred wall keeps its core a voxel or two inside the region's surface
     near_surface = ndimage.distance_transform_edt(region, sampling=sampling) <= GREAT_VESSEL_SURFACE_MM

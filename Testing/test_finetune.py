@@ -493,7 +493,7 @@ def test_distillation_pulls_towards_the_teacher():
 
 
 def test_candidate_filter_choice_on_known_evidence():
-    from liverlesionai.training import choose_candidate_filter
+    from liverlesionai.training import choose_candidate_filter, filtered_detection
 
     # true lesions: confident and inside the organ; false ones: unsure, or a confident shell on the surface
     evidence = {"confidence": np.array([0.9, 0.85, 0.8, 0.55, 0.6, 0.9]),
@@ -504,6 +504,9 @@ def test_candidate_filter_choice_on_known_evidence():
     assert (tuning["min_lesion_confidence"], tuning["max_surface_fraction"]) == (0.65, 0.9)
     assert tuning["validation_f1"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))
     assert tuning["validation_f1_unfiltered"] == pytest.approx(2 * 3 / (2 * 3 + 3 + 1))
+    # the counts behind the choice: a confidence limit of 0.82 drops one true lesion and the unsure false ones
+    counts = filtered_detection((evidence, is_tp, 1), {"min_lesion_confidence": 0.82, "max_surface_fraction": 1.0})
+    assert counts == {"tp": 2, "fp": 1, "fn": 2, "f1": pytest.approx(4 / 7)}
 
 
 def test_retuned_validation_chooses_and_measures_on_one_network_pass(shipped_model_dir):

@@ -883,17 +883,23 @@ FILTER_GRID = {"min_lesion_confidence": tuple(round(c, 2) for c in np.arange(0.0
                "max_surface_fraction": tuple(round(m, 2) for m in np.arange(1.0, 0.19, -0.1))}
 
 
+def filtered_detection(evidence, thresholds: dict) -> dict:
+    """Detection counts and F1 of the candidates of ``candidate_evidence`` that pass the filter ``thresholds``."""
+    values, is_tp, missed = evidence
+    passing = ((values["confidence"] >= thresholds["min_lesion_confidence"])
+               & (values["surface_fraction"] <= thresholds["max_surface_fraction"]))
+    tp, fp = int((passing & is_tp).sum()), int((passing & ~is_tp).sum())
+    fn = missed + int(is_tp.sum()) - tp
+    return {"tp": tp, "fp": fp, "fn": fn, "f1": 2 * tp / max(2 * tp + fp + fn, 1)}
+
+
 def choose_candidate_filter(evidence, log=print):
     """The lesion candidate filter thresholds (FILTER_GRID) that maximise detection F1 on the candidates of
     ``candidate_evidence``; ties go to the most permissive (confidence first, then surface)."""
-    values, is_tp, missed = evidence
+    is_tp = evidence[1]
 
     def f1(thresholds):
-        passing = ((values["confidence"] >= thresholds["min_lesion_confidence"])
-                   & (values["surface_fraction"] <= thresholds["max_surface_fraction"]))
-        tp, fp = int((passing & is_tp).sum()), int((passing & ~is_tp).sum())
-        fn = missed + int(is_tp.sum()) - tp
-        return 2 * tp / max(2 * tp + fp + fn, 1)
+        return filtered_detection(evidence, thresholds)["f1"]
 
     keys = list(FILTER_GRID)
     grid = [dict(zip(keys, combo)) for combo in itertools.product(*FILTER_GRID.values())]

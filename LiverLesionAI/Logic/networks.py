@@ -24,10 +24,11 @@ EVIDENCE_KEYS = ("confidence", "surface_fraction")
 FILTER_OFF = {"min_lesion_confidence": 0.0, "max_surface_fraction": 1.0}
 
 
-def passes_candidate_filter(evidence: dict, thresholds: dict) -> bool:
-    """Whether a lesion candidate's evidence (engine._lesion_candidates) passes the filter ``thresholds``."""
-    return (evidence["confidence"] >= thresholds["min_lesion_confidence"]
-            and evidence["surface_fraction"] <= thresholds["max_surface_fraction"])
+def passes_candidate_filter(evidence: dict, thresholds: dict):
+    """Whether a lesion candidate's evidence (engine._lesion_candidates) passes the filter ``thresholds``; with
+    arrays of evidence (training.evidence_of), whether each candidate does."""
+    return ((evidence["confidence"] >= thresholds["min_lesion_confidence"])
+            & (evidence["surface_fraction"] <= thresholds["max_surface_fraction"]))
 
 
 @dataclass

@@ -886,8 +886,7 @@ FILTER_GRID = {"min_lesion_confidence": tuple(round(c, 2) for c in np.arange(0.0
 def filtered_detection(evidence, thresholds: dict) -> dict:
     """Detection counts and F1 of the candidates of ``candidate_evidence`` that pass the filter ``thresholds``."""
     values, is_tp, missed = evidence
-    passing = ((values["confidence"] >= thresholds["min_lesion_confidence"])
-               & (values["surface_fraction"] <= thresholds["max_surface_fraction"]))
+    passing = passes_candidate_filter(values, thresholds)
     tp, fp = int((passing & is_tp).sum()), int((passing & ~is_tp).sum())
     fn = missed + int(is_tp.sum()) - tp
     return {"tp": tp, "fp": fp, "fn": fn, "f1": 2 * tp / max(2 * tp + fp + fn, 1)}

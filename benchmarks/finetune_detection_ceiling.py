@@ -41,13 +41,27 @@ def at_least(evidence, volumes, min_ml):
     return {k: v[keep] for k, v in values.items()}, is_tp[keep], missed + int((is_tp & ~keep).sum())
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a model folder (shipped, or a registry version)")
+def detection_benchmark_arguments(description, argv, *models):
+    """The command line of the detection benchmarks: model folders (name, help) first, then the cases."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, text in models:
+        parser.add_argument(name, help=text)
     parser.add_argument("cases", help="a folder of phantom cases (finetune_domain_shift.py's shifted test set)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def write_report(report: dict, out):
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+
+
+def main(argv=None):
+    args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("model", "a model folder (shipped, or a registry version)"))
 
     from liverlesionai.datasets import find_cases
     from liverlesionai.engine import LiverLesionEngine
@@ -55,7 +69,6 @@ def main(argv=None):
     from liverlesionai.networks import FILTER_OFF
     from liverlesionai.training import choose_candidate_filter, evidence_of, filtered_detection
 
-    torch.set_num_threads(args.threads)
     engine = LiverLesionEngine(args.model, device="cpu", threads=args.threads)
     own_filter = dict(engine.config.candidate_filter)
     engine.config.set_candidate_filter(FILTER_OFF)
@@ -90,9 +103,7 @@ def main(argv=None):
         report["by_min_volume"].append({"min_volume_ml": min_ml, "candidates": int(len(subset[1])),
                                         **{key: chosen[key] for key in FILTER_OFF},
                                         **filtered_detection(subset, {key: chosen[key] for key in FILTER_OFF})})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     print(json.dumps({k: v for k, v in report.items() if k != "grid"}, indent=1))
 
 

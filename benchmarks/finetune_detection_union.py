@@ -10,13 +10,11 @@ scored against the reference: lesion Dice, detection F1 and type accuracy (``eva
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
+from finetune_detection_ceiling import detection_benchmark_arguments, write_report
 
 
 def union_prediction(primary: dict, secondary: dict) -> dict:
@@ -44,19 +42,13 @@ def _scores(results) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("version", help="a fine-tuned version's folder")
-    parser.add_argument("parent", help="its parent's model folder")
-    parser.add_argument("cases", help="a folder of phantom cases (finetune_domain_shift.py's shifted test set)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("version", "a fine-tuned version's folder"),
+                              ("parent", "its parent's model folder"))
 
     from liverlesionai.datasets import find_cases
     from liverlesionai.engine import LiverLesionEngine
     from liverlesionai.evaluation import evaluate_case
 
-    torch.set_num_threads(args.threads)
     version = LiverLesionEngine(args.version, device="cpu", threads=args.threads)
     parent = LiverLesionEngine(args.parent, device="cpu", threads=args.threads)
     results = {"version": [], "parent": [], "union": []}
@@ -70,9 +62,7 @@ def main(argv=None):
         print(case.case_id, {name: len(p["lesion_types"]) for name, p in predictions.items()}, flush=True)
     report = {"version": args.version, "parent": args.parent, "cases": args.cases, "n_cases": len(results["union"]),
               **{name: _scores(r) for name, r in results.items()}, "seconds": round(time.time() - started)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     print(json.dumps({name: report[name] for name in results}, indent=1))
 
 

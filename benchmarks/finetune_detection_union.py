@@ -43,7 +43,7 @@ def _scores(results) -> dict:
 
 def main(argv=None):
     args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("version", "a fine-tuned version's folder"),
-                              ("parent", "its parent's model folder"))
+                                         ("parent", "its parent's model folder"))
 
     from liverlesionai.datasets import find_cases
     from liverlesionai.engine import LiverLesionEngine

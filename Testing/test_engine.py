@@ -138,6 +138,12 @@ def test_the_main_body_rule_measures_the_real_tumour_nearer_its_reference(shippe
         assert not ((result.lesion_instances > 0) & (results[None][0].lesion_instances == 0)).any()
         # the organ keeps its extent but for the rims' partial-volume edge (0.11% at 1.25 mm)
         assert (organ(result) ^ organ(results[None][0])).sum() < 0.003 * organ(result).sum()
+    # split into round bodies at candidate v5.13's dynamic (3.75 mm) these lesions stay whole; at 1.25 mm the tumour
+    # is cut up (README: candidates v5.13 and v5.14, not shipped)
+    engine.config.lesion_split_dynamic_mm = 3.75
+    assert (engine.lesions_from(outputs).lesion_instances == results[2.5][0].lesion_instances).all()
+    engine.config.lesion_split_dynamic_mm = 1.25
+    assert len(engine.lesions_from(outputs, classify=False).lesions) > len(results[2.5][0].lesions)
 
 
 def test_bfloat16_and_float32_agree_on_real_ct(shipped_model_dir):
@@ -393,6 +399,65 @@ def test_a_lesion_is_cut_down_to_its_main_body():
                                     if k != "lesion_appendage_radius_mm"}).lesion_appendage_radius_mm is None
     assert CascadeConfig.from_dict(CascadeConfig(lesion_appendage_radius_mm=2.5).to_dict()
                                    ).lesion_appendage_radius_mm == 2.5
+
+
+def test_touching_lesions_are_split_into_their_round_bodies():
+    """On stage 2's 1.25 mm grid: lesion 3 is two balls (radius 8 and 6 mm) touching, lesion 5 a chain of three
+    7 mm balls, lesion 7 a single 10 mm ball, lesion 8 an ellipsoid (50 x 16 x 16 mm), lesion 9 two 8 mm balls 8 mm
+    apart (one lobulated lesion, no neck), lesion 11 two touching balls not asked to be split. With a 2.5 mm
+    dynamic the touching balls become one lesion each, their voxels given to the ball they belong to; with 3.75 mm
+    the smaller ball's core rises too little above the neck (5.9 against 3.1 mm) and nothing is split. A neck ratio
+    keeps a large lesion's lobule, deep in absolute terms but joined by a wide neck, part of it."""
+    from liverlesionai.engine import split_touching_lesions
+    from liverlesionai.networks import CascadeConfig
+
+    spacing = (1.25, 1.25, 1.25)
+    k, j, i = np.mgrid[:56, :112, :112] * 1.25  # mm
+
+    def ball(centre, radius):
+        return (i - centre[0]) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2 <= radius ** 2
+
+    pair = (ball((20, 20, 30), 8), ball((34, 20, 30), 6))
+    chain = (ball((20, 60, 30), 7), ball((33, 60, 30), 7), ball((46, 60, 30), 7))
+    instances = np.zeros(k.shape, np.int32)
+    instances[pair[0] | pair[1]] = 3
+    instances[np.logical_or.reduce(chain)] = 5
+    instances[ball((60, 100, 30), 10)] = 7
+    instances[((i - 100) / 25) ** 2 + ((j - 20) / 8) ** 2 + ((k - 30) / 8) ** 2 <= 1] = 8
+    instances[ball((80, 60, 30), 8) | ball((88, 60, 30), 8)] = 9
+    instances[ball((100, 95, 30), 8) | ball((114, 95, 30), 6)] = 11
+    before = instances.copy()
+    split, pieces = split_touching_lesions(instances, [3, 5, 7, 8, 9], spacing, 2.5, 2.5)
+    assert (instances == before).all()  # the input is not changed
+    assert (split > 0).sum() == (before > 0).sum() and ((split > 0) == (before > 0)).all()
+    assert sorted(pieces.values()) == [3, 5, 5] and min(pieces) > before.max()
+    for lesion_id, balls in ((3, pair), (5, chain)):
+        ids = [lesion_id, *sorted(p for p, whole in pieces.items() if whole == lesion_id)]
+        for this in balls:
+            own = this & ~np.logical_or.reduce([b for b in balls if b is not this])
+            counts = np.bincount(split[own], minlength=split.max() + 1)[ids]
+            assert counts.max() >= 0.8 * own.sum()  # each ball is one piece, but for a voxel layer at the neck
+        assert len({int(np.argmax(np.bincount(split[b]))) for b in balls}) == len(balls)
+    for lesion_id in (7, 8, 9, 11):
+        assert ((split == lesion_id) == (before == lesion_id)).all()
+    assert not split_touching_lesions(instances, [3, 5], spacing, 3.75, 2.5)[1]
+    # a body must hold a ball of the minimum radius: the 6 mm ball does not hold one of 6.5 mm, the 7 mm balls do
+    assert sorted(split_touching_lesions(instances, [3, 5], spacing, 2.5, 6.5)[1].values()) == [5, 5]
+    # a large lesion (radius 18 mm) with a lobule (9 mm) rising 1.4 mm above a neck 7.6 mm wide: split by the
+    # dynamic alone at 1.25 mm, kept whole when the neck may be at most 0.65 of the body's radius, which still
+    # splits the touching pair (neck 3.1 mm against 5.9), though not at 0.5
+    lobulated = np.zeros(k.shape, np.int32)
+    lobulated[ball((40, 60, 34), 18) | ball((61, 60, 34), 9)] = 1
+    assert list(split_touching_lesions(lobulated, [1], spacing, 1.25, 2.5)[1].values()) == [1]
+    assert not split_touching_lesions(lobulated, [1], spacing, 1.25, 2.5, max_neck_ratio=0.65)[1]
+    assert list(split_touching_lesions(instances, [3], spacing, 1.25, 2.5, max_neck_ratio=0.65)[1].values()) == [3]
+    assert not split_touching_lesions(instances, [3], spacing, 1.25, 2.5, max_neck_ratio=0.5)[1]
+    assert CascadeConfig.from_dict({k: v for k, v in CascadeConfig(lesion_split_dynamic_mm=2.5).to_dict().items()
+                                    if not k.startswith("lesion_split")}).lesion_split_dynamic_mm is None
+    restored = CascadeConfig.from_dict(CascadeConfig(lesion_split_dynamic_mm=2.5, lesion_split_min_radius_mm=3.0,
+                                                     lesion_split_max_neck_ratio=0.5).to_dict())
+    assert (restored.lesion_split_dynamic_mm, restored.lesion_split_min_radius_mm,
+            restored.lesion_split_max_neck_ratio) == (2.5, 3.0, 0.5)
 
 
 def test_the_great_vessel_rule_takes_only_false_liver_out_and_leaves_lesions_alone(shipped_model_dir):

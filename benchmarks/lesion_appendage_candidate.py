@@ -79,31 +79,50 @@ def variant_name(radius):
 def _case_results(args) -> dict:
     """{variant: evaluate_case result with "long_axis_errors"} of one case folder, in a worker process, for the
     radii given (all RADII by default)."""
+    model, folder, radii = (*args, RADII)[:3]
+    return case_results(model, folder, {variant_name(r): {"lesion_appendage_radius_mm": r} for r in radii})
+
+
+def case_results(model, folder, variants: dict) -> dict:
+    """{variant: evaluate_case result with "long_axis_errors"} of one case folder, the networks run once: each
+    variant is the model's config with its overrides ({name: {CascadeConfig field: value}}), in a worker process
+    (one engine per model and process)."""
+    import copy
+
     from liverlesionai.datasets import find_cases
     from liverlesionai.engine import LiverLesionEngine
     from liverlesionai.evaluation import evaluate_case
     from liverlesionai.lesions import build_lesion_records
     from liverlesionai.records import LESION_TYPES
 
-    model, folder, radii = (*args, RADII)[:3]
-    engine = _ENGINE.get(model) or _ENGINE.setdefault(model, LiverLesionEngine(model, device="cpu", threads=1,
-                                                                                 precision="fp32"))
+    if model not in _ENGINE:
+        _ENGINE[model] = LiverLesionEngine(model, device="cpu", threads=1, precision="fp32")
+        _ENGINE[model, "config"] = copy.deepcopy(_ENGINE[model].config)
+    engine, base = _ENGINE[model], _ENGINE[model, "config"]
     case = find_cases(folder)[0]
     ct, truth = case.load_image(), case.load_truth()
     untyped = dict.fromkeys(LESION_TYPES, 1 / len(LESION_TYPES))
     reference = {r.lesion_id: r.long_axis_mm for r in build_lesion_records(
         ct.voxels, truth["lesion_instances"], ct.ijk_to_ras,
         {int(i): untyped for i in np.unique(truth["lesion_instances"]) if i})}
+    sizes = np.bincount(truth["lesion_instances"].ravel())
+    largest = int(np.argmax(sizes[1:]) + 1) if len(sizes) > 1 else None
     outputs = engine.run_networks(ct)
     results = {}
-    for radius in radii:
-        engine.config.lesion_appendage_radius_mm = radius
+    for name, overrides in variants.items():
+        engine.config.__dict__.update(copy.deepcopy(base.__dict__))
+        for key, value in overrides.items():
+            setattr(engine.config, key, value)
         result = engine.lesions_from(outputs)
         metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case.case_id)
         found = {r.lesion_id: r.long_axis_mm for r in result.lesions}
         metrics["long_axis_errors"] = [abs(found[m["pred_id"]] - reference[m["gt_id"]]) / reference[m["gt_id"]]
                                        for m in metrics["matches"]]
-        results[variant_name(radius)] = metrics
+        metrics["largest_lesion_long_axis_error"] = next(
+            (error for m, error in zip(metrics["matches"], metrics["long_axis_errors"]) if m["gt_id"] == largest),
+            None)
+        results[name] = metrics
+    engine.config.__dict__.update(copy.deepcopy(base.__dict__))
     return results
 
 

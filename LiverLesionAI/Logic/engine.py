@@ -361,6 +361,13 @@ class LiverLesionEngine:
         if cfg.lesion_appendage_radius_mm:  # after the filter, which judges the whole component
             instances2[lesion_appendages(np.isin(instances2, keep), cfg.stage2_spacing,
                                          cfg.lesion_appendage_radius_mm)] = 0
+        if cfg.lesion_split_dynamic_mm:  # the pieces share the whole component's evidence
+            instances2, pieces = split_touching_lesions(instances2, keep, cfg.stage2_spacing,
+                                                        cfg.lesion_split_dynamic_mm, cfg.lesion_split_min_radius_mm,
+                                                        cfg.lesion_split_max_neck_ratio)
+            keep = np.concatenate([keep, np.fromiter(pieces, int, len(pieces))]).astype(int)
+            evidence2.update({piece: evidence2[whole] for piece, whole in pieces.items()})
+            n = int(instances2.max())
 
         progress(0.6, f"Classifying {len(keep)} lesion(s)")
         features2 = self._lesion_features(x2, prior2, instances2, keep, expert) if classify else {}
@@ -573,6 +580,78 @@ def lesion_appendages(lesion_mask, spacing_xyz, radius_mm):
     near_body = ndimage.distance_transform_edt(~main_body, sampling=sampling) <= radius_mm
     found[box] = mask & ~near_body & np.isin(components, list(main_piece))
     return found
+
+
+def split_touching_lesions(instances, lesion_ids, spacing_xyz, dynamic_mm, min_radius_mm, max_neck_ratio=None):
+    """Each lesion of ``instances`` (ids ``lesion_ids``, a canonical grid of ``spacing_xyz``) made of round bodies
+    joined through necks, split into one lesion per body. A body is a peak of the lesion's distance to its
+    boundary that holds a ball of ``min_radius_mm`` and rises at least ``dynamic_mm`` above the neck joining it to
+    a higher one; with ``max_neck_ratio``, that neck's half-width is also at most this share of the body's radius
+    (the peak), so that the lobules of a large lesion, deep in absolute terms, stay part of it. Each voxel goes to
+    the body its distance ridge climbs to (watershed). Returns the new instance map and {new id: the id it was
+    split from} for the pieces beyond the first, which keeps the original id."""
+    instances = instances.copy()
+    sampling = np.asarray(spacing_xyz, float)[::-1]
+    step = float(sampling.min()) / 2
+    boxes = ndimage.find_objects(instances)
+    pieces, next_id = {}, int(instances.max()) + 1
+    for lesion_id in lesion_ids:
+        box = boxes[int(lesion_id) - 1]
+        if box is None:
+            continue
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+        mask = instances[box] == lesion_id
+        depth = ndimage.distance_transform_edt(mask, sampling=sampling)
+        seeds = _body_seeds(mask, depth, 0.0, step, (dynamic_mm, min_radius_mm, max_neck_ratio))
+        if len(seeds) < 2:
+            continue
+        bodies = _flood_from_seeds(mask, depth, seeds, step)
+        region = instances[box]
+        for number in range(2, len(seeds) + 1):
+            region[mask & (bodies == number)] = next_id
+            pieces[next_id] = int(lesion_id)
+            next_id += 1
+    return instances, pieces
+
+
+def _flood_from_seeds(mask, depth, seeds, step):
+    """Watershed by flooding: the seeds (numbered from 1) grow through ``mask`` level by level of falling
+    ``depth``, so two bodies meet at the neck between them and each keeps the voxels that slope down from it."""
+    bodies = np.zeros(mask.shape, np.int16)
+    for number, seed in enumerate(seeds, start=1):
+        bodies[seed] = number
+    footprint = np.ones((3, 3, 3), bool)
+    for level in np.arange(depth.max(), -step, -step):
+        allowed = mask & (depth > max(level, 0.0))
+        while True:
+            grown = ndimage.grey_dilation(bodies, footprint=footprint)
+            reached = allowed & (bodies == 0) & (grown > 0)
+            if not reached.any():
+                break
+            bodies[reached] = grown[reached]
+    return bodies
+
+
+def _body_seeds(region, depth, level, step, body_rule):
+    """The cores of the bodies within ``region`` (where ``depth`` > ``level``): the region is cut at rising levels
+    of depth until it falls apart into parts of which at least two are bodies (``body_rule``: dynamic, minimum
+    radius, maximum neck ratio, as split_touching_lesions takes them), each then searched alike; lesser parts are
+    not bodies."""
+    dynamic_mm, min_radius_mm, max_neck_ratio = body_rule
+    connectivity = np.ones((3, 3, 3))
+    while True:
+        level += step
+        parts, n = ndimage.label(region & (depth > level), structure=connectivity)
+        if n == 0:
+            return [region]
+        peaks = np.asarray(ndimage.maximum(depth, parts, index=np.arange(1, n + 1)))
+        bodies = [i + 1 for i, peak in enumerate(peaks) if peak >= level + dynamic_mm and peak >= min_radius_mm
+                  and (max_neck_ratio is None or level <= max_neck_ratio * peak)]
+        if len(bodies) >= 2:
+            return [seed for body in bodies for seed in _body_seeds(parts == body, depth, level, step, body_rule)]
+        if not bodies:
+            return [region]
+        region = parts == bodies[0]
 
 
 def great_vessels(hu2, liver_region, lesions2, cfg: CascadeConfig):

@@ -97,6 +97,15 @@ class CascadeConfig:
     # long axis) to a rim of the liver's surface: reported 153 mm long. A lesion thinner than the ball throughout is
     # kept whole. None: off (models up to v5.5); v5.12: 2.5 mm (README, candidates v5.11 and v5.12)
     lesion_appendage_radius_mm: float | None = None
+    # a lesion made of round bodies joined through a neck is reported as one lesion per body, each typed and
+    # measured on its own (RECIST 1.1 keeps lesions apart while a plane separates them): a body holds a ball of
+    # lesion_split_min_radius_mm and its core rises at least lesion_split_dynamic_mm above the neck's half-width,
+    # which with lesion_split_max_neck_ratio is also at most that share of its radius (engine.split_touching_lesions). The candidate filter judged the whole component; its pieces share that
+    # evidence. None: off, as in every shipped model: candidates v5.13 and v5.14 added more false lesions (pieces of
+    # large lobulated lesions) than true ones (README)
+    lesion_split_dynamic_mm: float | None = None
+    lesion_split_min_radius_mm: float = 2.5
+    lesion_split_max_neck_ratio: float | None = None
 
     def to_dict(self):
         return {"stage1": self.stage1.to_dict(), "stage2": self.stage2.to_dict(),
@@ -109,7 +118,10 @@ class CascadeConfig:
                 "great_vessel_radius_mm": self.great_vessel_radius_mm,
                 "great_vessel_min_hu_above_liver": self.great_vessel_min_hu_above_liver,
                 "great_vessel_rim": self.great_vessel_rim,
-                "lesion_appendage_radius_mm": self.lesion_appendage_radius_mm}
+                "lesion_appendage_radius_mm": self.lesion_appendage_radius_mm,
+                "lesion_split_dynamic_mm": self.lesion_split_dynamic_mm,
+                "lesion_split_min_radius_mm": self.lesion_split_min_radius_mm,
+                "lesion_split_max_neck_ratio": self.lesion_split_max_neck_ratio}
 
     @classmethod
     def from_dict(cls, d):
@@ -129,7 +141,12 @@ class CascadeConfig:
                    great_vessel_min_hu_above_liver=float(d.get("great_vessel_min_hu_above_liver", 30.0)),
                    great_vessel_rim=bool(d.get("great_vessel_rim", False)),
                    lesion_appendage_radius_mm=None if d.get("lesion_appendage_radius_mm") is None
-                   else float(d["lesion_appendage_radius_mm"]))
+                   else float(d["lesion_appendage_radius_mm"]),
+                   lesion_split_dynamic_mm=None if d.get("lesion_split_dynamic_mm") is None
+                   else float(d["lesion_split_dynamic_mm"]),
+                   lesion_split_min_radius_mm=float(d.get("lesion_split_min_radius_mm", 2.5)),
+                   lesion_split_max_neck_ratio=None if d.get("lesion_split_max_neck_ratio") is None
+                   else float(d["lesion_split_max_neck_ratio"]))
 
     @property
     def candidate_filter(self) -> dict:

@@ -1,0 +1,78 @@
+"""Exploratory: how many of the lesions the shipped model misses does stage 2 give any candidate at all, at its
+lesion threshold and below it? For each threshold, every candidate (filter off, lesions not typed) on the cases,
+matched to the reference: the reference lesions with no candidate (the misses no filter or scorer can recover),
+the candidates, and detection under the model's filter, with no filter and under the best filter of
+``training.choose_candidate_filter`` chosen on these very cases (an oracle, the ceiling of the two-threshold
+filter). Run on the 48 pool phantoms of lesion_rule_candidate.py, the choice set.
+
+    python benchmarks/detection_ceiling_by_threshold.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
+        /tmp/v510/pool --out benchmarks/results/detection_ceiling_by_threshold_v5.12_pool.json
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from finetune_detection_ceiling import detection_benchmark_arguments, write_report
+
+THRESHOLDS = (0.15, 0.1, 0.07, 0.05, 0.03)
+
+
+def _evidence(args):
+    """{threshold: candidate evidence} of some case folders, in a worker process with one thread."""
+    import torch
+
+    from lesion_rule_candidate import triples
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.training import candidate_evidence_by_threshold
+
+    torch.set_num_threads(1)
+    model, folders = args
+    engine = LiverLesionEngine(model, device="cpu", threads=1, precision="fp32")
+    cases = (triple for folder in folders for triple in triples(folder))
+    return candidate_evidence_by_threshold(engine, cases, THRESHOLDS)
+
+
+def merged(parts):
+    """Candidate evidence of several case sets as one."""
+    values = {key: np.concatenate([p[0][key] for p in parts]) for key in parts[0][0]}
+    return values, np.concatenate([p[1] for p in parts]), sum(p[2] for p in parts)
+
+
+def main(argv=None):
+    from pathlib import Path
+
+    args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("model", "a model folder"))
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.networks import FILTER_OFF
+    from liverlesionai.training import choose_candidate_filter, filtered_detection
+
+    own_filter = dict(LiverLesionEngine(args.model, device="cpu").config.candidate_filter)
+    folders = sorted(p for p in Path(args.cases).iterdir() if p.is_dir())
+    started = time.time()
+    workers = max(args.threads, 1)
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_evidence, [(args.model, folders[w::workers]) for w in range(workers)]))
+    report = {"model": args.model, "cases": args.cases, "n_cases": len(folders), "own_filter": own_filter,
+              "thresholds": []}
+    for threshold in THRESHOLDS:
+        evidence = merged([part[threshold] for part in parts])
+        oracle = choose_candidate_filter(evidence, log=lambda m: None)
+        oracle_filter = {key: oracle[key] for key in FILTER_OFF}
+        true = int(evidence[1].sum())
+        report["thresholds"].append({
+            "lesion_threshold": threshold, "candidates": int(len(evidence[1])), "true_candidates": true,
+            "reference_lesions_without_candidate": int(evidence[2]),
+            "recall_ceiling": true / max(true + int(evidence[2]), 1),
+            "own": filtered_detection(evidence, own_filter), "unfiltered": filtered_detection(evidence, FILTER_OFF),
+            "oracle_filter": oracle_filter, "oracle": filtered_detection(evidence, oracle_filter)})
+        print(report["thresholds"][-1], flush=True)
+    report["seconds"] = round(time.time() - started)
+    write_report(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -80,6 +80,34 @@ def test_stage2_priors_carry_stage1_like_errors():
     assert 5 <= leaked <= 35 and 3 <= lesion_left_out <= 20 and wandered >= 3
 
 
+def test_a_training_batch_is_a_function_of_its_step_and_workers_render_the_same_batches(tmp_path):
+    """A step's batch depends on the step alone (a resumed run draws what an uninterrupted one would); rendered ahead
+    in two worker processes the stream is the in-process stream, batch for batch; a stage trained with workers
+    resumes and finishes like one trained without."""
+    import functools
+
+    make_batch = functools.partial(T.training_batch, "stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None)
+    again = T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 5)
+    assert all(torch.equal(a, b) for a, b in zip(make_batch(5), again))
+    assert not torch.equal(make_batch(5)[0], make_batch(6)[0])
+    in_process = list(T.BatchStream(make_batch, range(4, 7)))
+    stream = T.BatchStream(make_batch, range(4, 7), workers=2)
+    try:
+        ahead = list(stream)
+    finally:
+        stream.close()
+    assert len(ahead) == len(in_process) == 3
+    assert all(torch.equal(a, b) for batch, other in zip(ahead, in_process) for a, b in zip(batch, other))
+    assert [tuple(t.shape) for t in ahead[0]] == [(4, 4, 96, 96), (4, 96, 96), (4, 96, 96)]
+    for workers in (0, 2):
+        run = tmp_path / f"run{workers}"
+        torch.manual_seed(0)  # the same initial weights
+        T.train_stage("stage1", run, 2, device="cpu", batch=4, log=lambda m: None, workers=workers)
+        T.train_stage("stage1", run, 3, device="cpu", batch=4, log=lambda m: None, workers=workers)
+    weights = [torch.load(tmp_path / f"run{w}" / "stage1.ckpt", weights_only=True)["model"] for w in (0, 2)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_train_resume_assemble_and_run(tmp_path):
     run = tmp_path / "run"
     logs = []

@@ -14,6 +14,9 @@
    cases into a fresh registry; the new version must load and segment on the CPU.
 5. ``torchrun_too_many``: ``torchrun --nproc_per_node=<GPUs + 1>`` with ``--device cuda`` must stop
    with a clear error and leave no version behind.
+6. ``training_throughput``: a stage-2 training step's rendering against its optimiser step on CUDA, and stage 2's
+   training loop (200 steps) with batches rendered in the training process and in all cores but two
+   (``liverlesionai train --workers``; benchmarks/training_throughput.py).
 
 Writes DIR/gpu_check.json; the figures are quoted in the README (Speed; Fine-tuning).
 """
@@ -170,6 +173,18 @@ def finetune_cli(model, device, smoke):
     return out
 
 
+def training_throughput(gpu: bool, smoke: bool) -> dict:
+    """benchmarks/training_throughput.py on this machine: a training step's rendering against its optimiser step,
+    and stage 2's training loop with batches rendered in the training process and in all cores but two."""
+    from training_throughput import loop_steps_per_s, stage_timings
+
+    device = torch.device("cuda" if gpu else "cpu")
+    workers = 1 if smoke else max((os.cpu_count() or 2) - 2, 1)
+    steps = 4 if smoke else 200
+    return {"stage2": stage_timings("stage2", device, 2 if smoke else 10, 1 if smoke else 3),
+            "stage2_loop_steps_per_s_by_workers": {w: loop_steps_per_s("stage2", device, steps, w) for w in (0, workers)}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -190,6 +205,7 @@ def main(argv=None):
         "finetune_step": lambda: finetune_step(a.model, gpu, 3 if a.smoke else 10),
         "finetune_cli": lambda: finetune_cli(a.model, "cuda" if gpu else "cpu", a.smoke),
         "speed": lambda: speed(a.model, out_dir, 1 if a.smoke else 3, gpu),
+        "training_throughput": lambda: training_throughput(gpu, a.smoke),
     }
     for name, run in parts.items():
         if name in skip:

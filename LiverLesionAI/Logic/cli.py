@@ -416,7 +416,7 @@ def cmd_train(args):
                 steps2=args.steps2, steps2_restart=args.steps2_restart, classifier_lesions=args.classifier_lesions,
                 device=args.device, threads=args.threads, test_seeds=_seed_range(args.test_seeds),
                 real_case=args.real_case, version=args.version, test_max_in_plane=args.test_max_in_plane,
-                engine_head_phantoms=args.engine_head_phantoms)
+                engine_head_phantoms=args.engine_head_phantoms, workers=args.workers)
     return 0
 
 
@@ -497,6 +497,9 @@ def build_parser():
     t.add_argument("--version", default="1.0.0")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--workers", type=int, default=0,
+                   help="processes rendering the networks' training batches ahead (0: in the training process); "
+                        "on a GPU, where rendering sets the pace, give it the spare CPU cores")
     t.set_defaults(func=cmd_train)
 
     x = sub.add_parser("explain", help="Integrated-Gradients maps of which voxels make stage 2 type each lesion "

@@ -7,6 +7,8 @@ Every stage checkpoints to its run folder and resumes from there.
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import json
 import math
@@ -189,6 +191,72 @@ def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4
             torch.from_numpy(np.stack(ws[:batch])))
 
 
+BLOCK_SLABS = 4  # training slabs cut from each rendered block
+BATCH_SEED = 12345
+
+
+def training_batch(part: str, seed_base: int, reuse: int, batch: int, domain, step: int):
+    """Stage ``part``'s ("stage1" or "stage2") training batch of optimiser step ``step``, a function of its
+    arguments alone, so batches can be rendered ahead in worker processes and a resumed run draws what an
+    uninterrupted one would. The step renders ceil(batch / BLOCK_SLABS) blocks from the phantoms a sequential
+    stream from ``seed_base`` would give it (each phantom serving ``reuse`` blocks)."""
+    blocks = -(-batch // BLOCK_SLABS)
+    source = PhantomSource(seed_base + step * -(-blocks // reuse), reuse=reuse, domain=domain)
+    make_batch = stage1_batch if part == "stage1" else stage2_batch
+    return make_batch(source, CascadeConfig(), np.random.default_rng([BATCH_SEED, step]), batch, per_block=BLOCK_SLABS)
+
+
+def _render_worker_init():
+    torch.set_num_threads(1)  # rendering is numpy; one thread per worker process
+
+
+def _rendered_arrays(make_batch, step):
+    return tuple(t.numpy() for t in make_batch(step))
+
+
+class BatchStream:
+    """The batches ``make_batch(step)`` of ``steps`` (a range), in order. With ``workers`` > 0 they are rendered
+    ahead in that many processes (``make_batch`` must then pickle: a module-level function or a partial of one), at
+    most two per worker waiting, so on a GPU the optimiser step no longer waits for the phantoms to be drawn."""
+
+    def __init__(self, make_batch, steps: range, workers: int = 0):
+        self.make_batch, self.steps, self.workers = make_batch, iter(steps), workers
+        self.pending, self.pool = collections.deque(), None
+        if workers > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the training process holds torch's threads, which a forked child must not inherit
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_render_worker_init)
+            for _ in range(2 * workers):
+                self._submit()
+
+    def _submit(self):
+        step = next(self.steps, None)
+        if step is not None:
+            self.pending.append(self.pool.submit(_rendered_arrays, self.make_batch, step))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pool is None:
+            return self.make_batch(next(self.steps))
+        if not self.pending:
+            raise StopIteration
+        arrays = self.pending.popleft().result()
+        self._submit()
+        return tuple(torch.from_numpy(a) for a in arrays)
+
+    def close(self):
+        if self.pool is not None:
+            for future in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss and loop
 # ----------------------------------------------------------------------------------------------
@@ -243,8 +311,9 @@ def train_step(net, optimizer, batch, device, teacher=None, distill_weight=1.0) 
 
 
 def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=print, checkpoint_every=50,
-                  param_groups=None, cancel=None):
-    """Generic resumable loop; ``make_batch(rng)`` returns (x, target[, weights])."""
+                  param_groups=None, cancel=None, workers=0):
+    """Generic resumable loop; ``make_batch(step)`` returns the step's (x, target[, weights]), rendered ahead in
+    ``workers`` processes when > 0 (BatchStream)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / f"{name}.ckpt"
@@ -265,24 +334,27 @@ def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=pr
         history = json.loads((run_dir / f"{name}.history.json").read_text()) if \
             (run_dir / f"{name}.history.json").exists() else []
         log(f"[{name}] resumed at step {step}")
-    rng = np.random.default_rng(12345 + step)
     net.train()
     t0, loss_sum = time.time(), 0.0
-    while step < steps:
-        if cancel is not None and cancel():
-            break
-        loss = train_step(net, optimizer, make_batch(rng), device)
-        schedule.step()
-        step += 1
-        loss_sum += loss
-        if step % 10 == 0 or step == steps:
-            history.append({"step": step, "loss": loss_sum / 10, "seconds": round(time.time() - t0, 1)})
-            log(f"[{name}] step {step}/{steps} loss {loss_sum / 10:.4f} ({time.time() - t0:.0f} s)")
-            loss_sum = 0.0
-        if step % checkpoint_every == 0 or step == steps:
-            _save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "schedule": schedule.state_dict(), "step": step})
-            (run_dir / f"{name}.history.json").write_text(json.dumps(history))
+    batches = BatchStream(make_batch, range(step, steps), workers)
+    try:
+        while step < steps:
+            if cancel is not None and cancel():
+                break
+            loss = train_step(net, optimizer, next(batches), device)
+            schedule.step()
+            step += 1
+            loss_sum += loss
+            if step % 10 == 0 or step == steps:
+                history.append({"step": step, "loss": loss_sum / 10, "seconds": round(time.time() - t0, 1)})
+                log(f"[{name}] step {step}/{steps} loss {loss_sum / 10:.4f} ({time.time() - t0:.0f} s)")
+                loss_sum = 0.0
+            if step % checkpoint_every == 0 or step == steps:
+                _save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "schedule": schedule.state_dict(), "step": step})
+                (run_dir / f"{name}.history.json").write_text(json.dumps(history))
+    finally:
+        batches.close()
     net.eval()
     return step
 
@@ -556,7 +628,7 @@ def final_checkpoint(run_dir, part: str) -> Path:
 
 
 def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, log=print, batch=16,
-                seed_offset=0, classifier_lesions=3000, domain=None):
+                seed_offset=0, classifier_lesions=3000, domain=None, workers=0):
     """Train one stage into ``run_dir`` (resumable): "stage1", "stage2", "stage1_restart",
     "stage2_restart" or "classifier".
 
@@ -585,9 +657,8 @@ def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, lo
             net.load_state_dict(torch.load(run_dir / f"{part}.ckpt", map_location="cpu", weights_only=True)["model"])
             seed_base, lr = seed_base + RESTART_SEED_OFFSET, RESTART_LR
         # stage 1 sees each phantom in more blocks: a 3 mm block is cheap to render
-        source = PhantomSource(seed_base, reuse=4 if part == "stage1" else 2, domain=domain)
-        make_batch = stage1_batch if part == "stage1" else stage2_batch
-        train_network(net, lambda r: make_batch(source, cfg, r, batch), steps, run_dir, stage, device, lr=lr, log=log)
+        make_batch = functools.partial(training_batch, part, seed_base, 4 if part == "stage1" else 2, batch, domain)
+        train_network(net, make_batch, steps, run_dir, stage, device, lr=lr, log=log, workers=workers)
     elif stage == "classifier":
         stage2 = UNet2p5D(cfg.stage2).to(device)
         stage2_ckpt = torch.load(final_checkpoint(run_dir, "stage2"), map_location=device, weights_only=True)
@@ -661,11 +732,12 @@ def shipped_lesion_rule(tuning: dict) -> dict:
 def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=3000, device="auto", threads=None,
                 test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None,
                 validation_cases=48, steps1_restart=0, steps2_restart=0, engine_head_phantoms=0,
-                engine_head_recipe=ENGINE_HEAD_RECIPE):
-    """Rebuild a shipped-style model from scratch: train all stages (resumable), assemble, choose the lesion rule
-    on validation phantoms, fit the classifier head on the engine's own lesions of ``engine_head_phantoms``
-    training phantoms (0: keep the head fitted on reference masks), evaluate on the held-out phantom test set
-    (and optionally a real case), and write the model with its card."""
+                engine_head_recipe=ENGINE_HEAD_RECIPE, workers=0):
+    """Rebuild a shipped-style model from scratch: train all stages (resumable; the networks' batches rendered
+    in ``workers`` processes when > 0), assemble, choose the lesion rule on validation phantoms, fit the
+    classifier head on the engine's own lesions of ``engine_head_phantoms`` training phantoms (0: keep the head
+    fitted on reference masks), evaluate on the held-out phantom test set (and optionally a real case), and
+    write the model with its card."""
     import shutil
     import tempfile
 
@@ -676,12 +748,12 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
     run_dir, model_out = Path(run_dir), Path(model_out)
     if model_out.exists():
         raise FileExistsError(f"{model_out} exists; LiverLesionAI never overwrites a model.")
-    train_stage("stage1", run_dir, steps1, device, threads, log)
+    train_stage("stage1", run_dir, steps1, device, threads, log, workers=workers)
     if steps1_restart:
-        train_stage("stage1_restart", run_dir, steps1_restart, device, threads, log)
-    train_stage("stage2", run_dir, steps2, device, threads, log)
+        train_stage("stage1_restart", run_dir, steps1_restart, device, threads, log, workers=workers)
+    train_stage("stage2", run_dir, steps2, device, threads, log, workers=workers)
     if steps2_restart:
-        train_stage("stage2_restart", run_dir, steps2_restart, device, threads, log)
+        train_stage("stage2_restart", run_dir, steps2_restart, device, threads, log, workers=workers)
     if not classifier_is_current(run_dir):
         train_stage("classifier", run_dir, 0, device, threads, log, classifier_lesions=classifier_lesions)
     def phantom_set(folder, base, seeds):

@@ -9,10 +9,14 @@ once per case and every variant applied to the same outputs.
 
     cd benchmarks && python lesion_split_candidate.py --model ../LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
         --cases /tmp/v510 --out results/candidate_v5.13.json
-    # adopted: the model folder, its card's figures from `evaluate` on the test phantoms and the real case
+    # adopted by its criteria: the model folder, its card's figures from `evaluate` on the test phantoms and the real
+    # case (v5.13 was built so, and not shipped: results/candidate_v5.13_test_set.json, README)
     python lesion_split_candidate.py build results/candidate_v5.13.json \\
         --model ../LiverLesionAI/Resources/Models/liverlesionai-v5.12 --cases /tmp/v510 \\
         --out ../LiverLesionAI/Resources/Models/liverlesionai-v5.13
+    # v5.14 (V5_14: a neck ratio too; chosen on the pool, judged on 120 fresh phantoms)
+    python lesion_split_candidate.py v5.14 --model ../LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
+        --cases /tmp/v510 --out results/candidate_v5.14.json
 """
 
 from __future__ import annotations

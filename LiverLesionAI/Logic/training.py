@@ -220,7 +220,7 @@ class BatchStream:
     most two per worker waiting, so on a GPU the optimiser step no longer waits for the phantoms to be drawn."""
 
     def __init__(self, make_batch, steps: range, workers: int = 0):
-        self.make_batch, self.steps, self.workers = make_batch, iter(steps), workers
+        self.make_batch, self.steps = make_batch, iter(steps)
         self.pending, self.pool = collections.deque(), None
         if workers > 0:
             import multiprocessing

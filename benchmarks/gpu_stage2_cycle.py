@@ -1,0 +1,73 @@
+"""A further stage-2 training cycle from a model's weights, sized to one device session: the lever the closing
+notes name (stage 2 proposes nothing for most lesions it misses; README, Shipped model), prepared for a GPU.
+
+A cosine learning-rate cycle (peak RESTART_LR, as the warm restarts) over ``--steps`` steps of 16 slabs, on phantoms
+no earlier cycle drew (seeds from CYCLE_SEED_BASE), batches rendered ahead in ``--workers`` processes
+(``training.BatchStream``: on a GPU, rendering sets the pace; benchmarks/training_throughput.py). ``--minutes``
+stops it early (the cycle then ends before its learning rate has annealed: the card says so). The result is a new
+model folder with the parent's stage 1, classifier head, lesion rule and filter, and the new stage 2; its card has
+no figures: judge it on CPU afterwards with the candidate tools (lesion_rule_candidate.py: the lesion rule and
+filter are chosen again for it; classifier_candidate.py: the head refitted on its lesions).
+
+    # on the GPU machine, after gpu_check part 6 gave the steps per second with workers
+    python benchmarks/gpu_stage2_cycle.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 $OUT/stage2-cycle \\
+        --steps 9000 --minutes 8 --workers 14 --device cuda
+    python benchmarks/gpu_stage2_cycle.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 /tmp/cycle-smoke \\
+        --steps 3 --workers 1 --device cpu      # here: the script itself works
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from liverlesionai import training as T
+from liverlesionai.model_io import load_model, save_model
+from liverlesionai.networks import CascadeConfig, UNet2p5D
+
+CYCLE_SEED_BASE = T.TRAIN_SEED_BASE + 500_000  # phantoms no training stage, head fit or benchmark has drawn
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="the parent model folder")
+    parser.add_argument("out", type=Path, help="new model folder to create")
+    parser.add_argument("--steps", type=int, required=True, help="the cycle's length (its cosine schedule)")
+    parser.add_argument("--minutes", type=float, default=None, help="stop at this wall time, annealed or not")
+    parser.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 2, 1))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists: not overwriting a model")
+    device = T.resolve_device(args.device)
+    state, card = load_model(args.model)
+    net = UNet2p5D(CascadeConfig.from_dict(card["architecture"]).stage2)
+    net.load_state_dict({k.removeprefix("stage2."): v for k, v in state.items() if k.startswith("stage2.")})
+    make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None)
+    deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
+    run_dir = args.out.with_name("." + args.out.name + ".run")  # checkpoints: rerun to resume
+    started = time.time()
+    step = T.train_network(net, make_batch, args.steps, run_dir, "stage2_cycle", device, lr=T.RESTART_LR,
+                           cancel=lambda: time.time() > deadline, workers=args.workers)
+    seconds = round(time.time() - started)
+    new_state = {**state, **{f"stage2.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}}
+    history = (f"{Path(args.model).name} ({card['version']}, SHA-256 {card['weights_sha256'][:16]}...) with a further "
+               f"stage-2 cycle of {step} of {args.steps} scheduled steps (peak lr {T.RESTART_LR}, 16 slabs, phantoms "
+               f"from seed {CYCLE_SEED_BASE}, {args.workers} render workers, {device.type}, {seconds} s"
+               f"{'' if step >= args.steps else ': stopped at the time limit before the schedule annealed'}); "
+               f"stage 1, classifier head, lesion rule and filter the parent's, not refitted; no figures yet "
+               f"(benchmarks/gpu_stage2_cycle.py). Parent's history: " + card.get("training_history", ""))
+    new_card = {**{k: v for k, v in card.items() if k not in ("metrics", "adoption", "weights_sha256", "created")},
+                "version": card["version"] + "+stage2-cycle", "training_history": history, "metrics": {},
+                "training_steps": {**card.get("training_steps", {}), "stage2_cycle": step}}
+    save_model(args.out, new_state, new_card)
+    print(f"{args.out}: stage 2 trained {step} steps in {seconds} s ({step / max(seconds, 1):.1f} steps/s)")
+
+
+if __name__ == "__main__":
+    main()

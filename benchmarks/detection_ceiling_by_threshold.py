@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from finetune_detection_ceiling import detection_benchmark_arguments, write_report
+from finetune_detection_ceiling import detection_benchmark_arguments, detection_under_filters, write_report
 
 THRESHOLDS = (0.15, 0.1, 0.07, 0.05, 0.03)
 
@@ -47,8 +47,6 @@ def main(argv=None):
 
     args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("model", "a model folder"))
     from liverlesionai.engine import LiverLesionEngine
-    from liverlesionai.networks import FILTER_OFF
-    from liverlesionai.training import choose_candidate_filter, filtered_detection
 
     own_filter = dict(LiverLesionEngine(args.model, device="cpu").config.candidate_filter)
     folders = sorted(p for p in Path(args.cases).iterdir() if p.is_dir())
@@ -59,16 +57,10 @@ def main(argv=None):
     report = {"model": args.model, "cases": args.cases, "n_cases": len(folders), "own_filter": own_filter,
               "thresholds": []}
     for threshold in THRESHOLDS:
-        evidence = merged([part[threshold] for part in parts])
-        oracle = choose_candidate_filter(evidence, log=lambda m: None)
-        oracle_filter = {key: oracle[key] for key in FILTER_OFF}
-        true = int(evidence[1].sum())
-        report["thresholds"].append({
-            "lesion_threshold": threshold, "candidates": int(len(evidence[1])), "true_candidates": true,
-            "reference_lesions_without_candidate": int(evidence[2]),
-            "recall_ceiling": true / max(true + int(evidence[2]), 1),
-            "own": filtered_detection(evidence, own_filter), "unfiltered": filtered_detection(evidence, FILTER_OFF),
-            "oracle_filter": oracle_filter, "oracle": filtered_detection(evidence, oracle_filter)})
+        row = detection_under_filters(merged([part[threshold] for part in parts]), own_filter, log=lambda m: None)
+        true = row["true_candidates"]
+        report["thresholds"].append({"lesion_threshold": threshold, **row,
+                                     "recall_ceiling": true / max(true + row["reference_lesions_without_candidate"], 1)})
         print(report["thresholds"][-1], flush=True)
     report["seconds"] = round(time.time() - started)
     write_report(report, args.out)

@@ -41,6 +41,21 @@ def at_least(evidence, volumes, min_ml):
     return {k: v[keep] for k, v in values.items()}, is_tp[keep], missed + int((is_tp & ~keep).sum())
 
 
+def detection_under_filters(evidence, own_filter: dict, log=print) -> dict:
+    """Of candidate evidence (``training.evidence_of``): the candidates, how many are true, the reference lesions
+    without one, and detection under ``own_filter``, with no filter and under the filter of best F1 chosen on these
+    very candidates (the oracle)."""
+    from liverlesionai.networks import FILTER_OFF
+    from liverlesionai.training import choose_candidate_filter, filtered_detection
+
+    oracle = choose_candidate_filter(evidence, log=log)
+    oracle_filter = {key: oracle[key] for key in FILTER_OFF}
+    return {"candidates": int(len(evidence[1])), "true_candidates": int(evidence[1].sum()),
+            "reference_lesions_without_candidate": int(evidence[2]),
+            "own": filtered_detection(evidence, own_filter), "unfiltered": filtered_detection(evidence, FILTER_OFF),
+            "oracle_filter": oracle_filter, "oracle": filtered_detection(evidence, oracle_filter)}
+
+
 def detection_benchmark_arguments(description, argv, *models):
     """The command line of the detection benchmarks: model folders (name, help) first, then the cases."""
     parser = argparse.ArgumentParser(description=description)
@@ -82,15 +97,9 @@ def main(argv=None):
         experts.add(result.expert)
         print(f"{case.case_id}: {len(result.lesion_evidence)} candidates", flush=True)
     evidence, volumes = evidence_of(runs), np.array(volumes)  # the same candidate order
-    oracle = choose_candidate_filter(evidence)
-    oracle_filter = {key: oracle[key] for key in FILTER_OFF}
     report = {
         "model": args.model, "cases": args.cases, "n_cases": len(runs), "experts": sorted(experts),
-        "candidates": int(len(evidence[1])), "true_candidates": int(evidence[1].sum()),
-        "reference_lesions_without_candidate": int(evidence[2]),
-        "own_filter": own_filter, "own": filtered_detection(evidence, own_filter),
-        "unfiltered": filtered_detection(evidence, FILTER_OFF),
-        "oracle_filter": oracle_filter, "oracle": filtered_detection(evidence, oracle_filter),
+        "own_filter": own_filter, **detection_under_filters(evidence, own_filter),
         "grid": [{"min_lesion_confidence": c, "max_surface_fraction": s,
                   **filtered_detection(evidence, {"min_lesion_confidence": c, "max_surface_fraction": s})}
                  for c in GRID_CONFIDENCE for s in GRID_SURFACE],

@@ -5,7 +5,7 @@ import unittest
 
 import numpy as np
 
-from liverlesionai.evaluation import aggregate, dice, evaluate_case, match_lesions
+from liverlesionai.evaluation import aggregate, dice, evaluate_case, lesion_conspicuity, match_lesions
 
 SHAPE = (40, 64, 64)  # [k, j, i], 1 mm voxels
 GEOMETRY = np.eye(4)
@@ -157,3 +157,43 @@ class EvaluateCaseTest(unittest.TestCase):
             evaluate_case(small, gt, GEOMETRY)
         with self.assertRaisesRegex(ValueError, "4x4"):
             evaluate_case(gt, gt, np.eye(3))
+
+
+class LesionConspicuityTest(unittest.TestCase):
+    """Contrast to the surrounding liver in units of its noise, on lesions of known HU."""
+
+    def setUp(self):
+        case = make_case({1: ((20, 20, 20), 16.0, "cyst"), 2: ((20, 45, 45), 16.0, "hemangioma"),
+                          3: ((20, 20, 48), 10.0, "metastasis")})
+        self.liver = (case["liver_mask"] | (case["lesion_instances"] > 0)).astype(np.uint8)
+        self.instances = case["lesion_instances"]
+        noise = np.random.default_rng(3).normal(0.0, 10.0, SHAPE)
+        self.hu = np.where(self.liver > 0, 100.0, -100.0) + noise
+        self.hu[self.instances == 1] -= 30.0  # homogeneous, 30 HU darker
+        k, j, i = np.indices(SHAPE)
+        r = np.sqrt((k - 20) ** 2 + (j - 45) ** 2 + (i - 45) ** 2)
+        bright_rim = (self.instances == 2) & (r > 8 * 0.79)  # half the ball's volume
+        self.hu[self.instances == 2] -= 40.0
+        self.hu[bright_rim] += 80.0  # +40 rim, -40 core: the mean is the liver's
+        # lesion 3 is as dense as the liver: invisible
+
+    def test_known_contrasts(self):
+        result = lesion_conspicuity(self.hu, self.liver, self.instances, GEOMETRY)
+        self.assertEqual(sorted(result), [1, 2, 3])
+        for record in result.values():
+            self.assertAlmostEqual(record["noise_hu"], 10.0, delta=0.6)
+        self.assertAlmostEqual(result[1]["contrast_hu"], -30.0, delta=1.5)
+        self.assertAlmostEqual(result[1]["cnr"], 3.0, delta=0.3)
+        self.assertLess(abs(result[2]["contrast_hu"]), 5.0)
+        self.assertAlmostEqual(result[2]["contrast_energy_hu"], 40.0, delta=3.0)
+        self.assertLess(result[3]["cnr"], 0.5)
+
+    def test_geometry_and_missing_liver(self):
+        flipped = np.diag([-1.0, 1.0, 1.0, 1.0])  # left-handed: the same voxels, the same figures
+        self.assertEqual(lesion_conspicuity(self.hu, self.liver, self.instances, flipped),
+                         lesion_conspicuity(self.hu, self.liver, self.instances, (1.0, 1.0, 1.0)))
+        no_liver = self.instances > 0
+        result = lesion_conspicuity(self.hu, no_liver, self.instances, GEOMETRY)
+        self.assertEqual({r["cnr"] for r in result.values()}, {None})
+        with self.assertRaisesRegex(ValueError, "differ in size"):
+            lesion_conspicuity(self.hu[:, :10], self.liver, self.instances, GEOMETRY)

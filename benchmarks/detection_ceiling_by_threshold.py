@@ -3,7 +3,9 @@ lesion threshold and below it? For each threshold, every candidate (filter off, 
 matched to the reference: the reference lesions with no candidate (the misses no filter or scorer can recover),
 the candidates, and detection under the model's filter, with no filter and under the best filter of
 ``training.choose_candidate_filter`` chosen on these very cases (an oracle, the ceiling of the two-threshold
-filter). Run on the 48 pool phantoms of lesion_rule_candidate.py, the choice set.
+filter). Run on the 48 pool phantoms of lesion_rule_candidate.py, the choice set. ``--thresholds`` replaces the
+default ones (a network whose lesion probability runs higher, gpu_stage2_cycle.py --lesion-min-weight, is
+judged above them as well).
 
     python benchmarks/detection_ceiling_by_threshold.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
         /tmp/v510/pool --out benchmarks/results/detection_ceiling_by_threshold_v5.12_pool.json
@@ -30,10 +32,10 @@ def _evidence(args):
     from liverlesionai.training import candidate_evidence_by_threshold
 
     torch.set_num_threads(1)
-    model, folders = args
+    model, folders, thresholds = args
     engine = LiverLesionEngine(model, device="cpu", threads=1, precision="fp32")
     cases = (triple for folder in folders for triple in triples(folder))
-    return candidate_evidence_by_threshold(engine, cases, THRESHOLDS)
+    return candidate_evidence_by_threshold(engine, cases, thresholds)
 
 
 def merged(parts):
@@ -45,7 +47,9 @@ def merged(parts):
 def main(argv=None):
     from pathlib import Path
 
-    args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("model", "a model folder"))
+    args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("model", "a model folder"),
+                                         options={"--thresholds": {"type": float, "nargs": "+", "default": list(THRESHOLDS),
+                                                                   "help": "lesion thresholds to try"}})
     from liverlesionai.engine import LiverLesionEngine
 
     own_filter = dict(LiverLesionEngine(args.model, device="cpu").config.candidate_filter)
@@ -53,10 +57,10 @@ def main(argv=None):
     started = time.time()
     workers = max(args.threads, 1)
     with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_evidence, [(args.model, folders[w::workers]) for w in range(workers)]))
+        parts = list(pool.map(_evidence, [(args.model, folders[w::workers], args.thresholds) for w in range(workers)]))
     report = {"model": args.model, "cases": args.cases, "n_cases": len(folders), "own_filter": own_filter,
               "thresholds": []}
-    for threshold in THRESHOLDS:
+    for threshold in args.thresholds:
         row = detection_under_filters(merged([part[threshold] for part in parts]), own_filter, log=lambda m: None)
         true = row["true_candidates"]
         report["thresholds"].append({"lesion_threshold": threshold, **row,

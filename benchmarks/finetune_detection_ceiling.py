@@ -56,11 +56,14 @@ def detection_under_filters(evidence, own_filter: dict, log=print) -> dict:
             "oracle_filter": oracle_filter, "oracle": filtered_detection(evidence, oracle_filter)}
 
 
-def detection_benchmark_arguments(description, argv, *models):
-    """The command line of the detection benchmarks: model folders (name, help) first, then the cases."""
+def detection_benchmark_arguments(description, argv, *models, options=None):
+    """The command line of the detection benchmarks: model folders (name, help) first, then the cases;
+    ``options``: further {flag: add_argument keywords}."""
     parser = argparse.ArgumentParser(description=description)
     for name, text in models:
         parser.add_argument(name, help=text)
+    for flag, keywords in (options or {}).items():
+        parser.add_argument(flag, **keywords)
     parser.add_argument("cases", help="a folder of phantom cases (finetune_domain_shift.py's shifted test set)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+from scipy import ndimage
 
 from .lesions import lesion_axes_mm
 from .errors import InputError
@@ -109,6 +110,52 @@ def _case_arrays(case: dict, what: str) -> tuple[np.ndarray, np.ndarray, dict]:
         raise EvaluationInputError(f"The {what} case is missing {', '.join(missing)}.")
     types = {int(k): v for k, v in (case.get("lesion_types") or {}).items()}
     return np.asarray(case["liver_mask"]), np.asarray(case["lesion_instances"]), types
+
+
+# Conspicuity: the reference liver in a shell around each lesion, clear of its blurred edge.
+CONSPICUITY_SHELL_MM = (1.5, 6.0)
+MIN_SHELL_VOXELS = 30
+
+
+def lesion_conspicuity(hu: np.ndarray, liver_mask: np.ndarray, lesion_instances: np.ndarray,
+                       ijk_to_ras) -> dict[int, dict]:
+    """How far each reference lesion stands out of the liver around it, in units of that liver's noise.
+
+    Per lesion id: ``contrast_hu`` (mean lesion HU minus the median of the surrounding lesion-free liver,
+    1.5-6 mm from its edge), ``noise_hu`` (that liver's robust standard deviation, 1.4826 x MAD),
+    ``contrast_energy_hu`` (root mean square of lesion HU minus that median, less the noise: counts a bright
+    rim around a dark core, which cancel in the mean) and ``cnr`` = contrast energy / noise. ``cnr`` is None
+    where fewer than 30 liver voxels surround the lesion. Arrays [k, j, i] in one grid.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    liver = np.asarray(liver_mask) != 0
+    instances = np.asarray(lesion_instances)
+    if not (hu.shape == liver.shape == instances.shape):
+        raise EvaluationInputError(
+            f"The CT {hu.shape}, liver mask {liver.shape} and lesion map {instances.shape} differ in size.")
+    spacing_kji = np.linalg.norm(_geometry(ijk_to_ras)[:3, :3], axis=0)[::-1]
+    inner_mm, outer_mm = CONSPICUITY_SHELL_MM
+    pad = np.ceil(outer_mm / spacing_kji).astype(int) + 1
+    result = {}
+    for lesion_id, box in enumerate(ndimage.find_objects(instances.astype(np.int64)), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(box, pad, hu.shape))
+        lesion = instances[box] == lesion_id
+        distance = ndimage.distance_transform_edt(~lesion, sampling=spacing_kji)
+        shell = (distance > inner_mm) & (distance <= outer_mm) & liver[box] & (instances[box] == 0)
+        lesion_hu = hu[box][lesion]
+        record = {"contrast_hu": None, "contrast_energy_hu": None, "noise_hu": None, "cnr": None,
+                  "shell_voxels": int(shell.sum())}
+        if shell.sum() >= MIN_SHELL_VOXELS:
+            liver_hu = hu[box][shell]
+            level = float(np.median(liver_hu))
+            noise = float(1.4826 * np.median(np.abs(liver_hu - level)))
+            energy = float(np.sqrt(max(np.mean((lesion_hu - level) ** 2) - noise ** 2, 0.0)))
+            record.update(contrast_hu=round(float(lesion_hu.mean()) - level, 2), noise_hu=round(noise, 2),
+                          contrast_energy_hu=round(energy, 2), cnr=round(energy / max(noise, 1e-6), 3))
+        result[lesion_id] = record
+    return result
 
 
 def _empty_counts() -> dict:

@@ -139,6 +139,49 @@ def found_table(lesions: list[dict], row_of, rows) -> dict:
     return table
 
 
+def tables(lesions: list[dict]) -> dict:
+    """The report's tables from the per-lesion records of ``_case``."""
+    from liverlesionai.evaluation import SIZE_BINS
+    from liverlesionai.records import LESION_TYPES
+
+    by_type = {}
+    for lesion_type in LESION_TYPES:
+        of_type = [x for x in lesions if x["type"] == lesion_type]
+        found = [x for x in of_type if x["found"]]
+        by_type[lesion_type] = {
+            "lesions": len(of_type), "found": len(found),
+            "found_by_size": {b: f"{sum(x['found'] for x in of_type if x['size'] == b)} of "
+                                 f"{sum(x['size'] == b for x in of_type)}" for b in SIZE_BINS},
+            "typed_as": {t: sum(x["predicted_type"] == t for x in found) for t in LESION_TYPES}}
+    bins = [cnr_bin(edge) for edge in CNR_BINS] + [cnr_bin(None)]
+    missed = [x for x in lesions if not x["found"]]
+    causes = {"all misses": found_table(missed, lambda x: x["cause"], MISS_CAUSES),
+              "misses with cnr >= 2": found_table([x for x in missed if (x["cnr"] or 0) >= 2], lambda x: x["cause"],
+                                                  MISS_CAUSES)}
+    causes = {name: {cause: {key: value.split(" of ")[1] for key, value in row.items()} for cause, row in counts.items()}
+              for name, counts in causes.items()}  # found is 0 in every row: keep the counts
+    called_liver = [x for x in missed if x["cause"] == MISS_CAUSES[3]]
+    floors = {x["case"]: x["case_lesion_free_probability"] for x in lesions if x["case_lesion_free_probability"] is not None}
+    signal = {"misses stage 2 calls liver: median mean lesion probability":
+              float(np.median([x["lesion_probability"] for x in called_liver])) if called_liver else None,
+              "cases' lesion-free liver: median lesion probability, median and range over cases":
+              [float(np.median(list(floors.values()))), min(floors.values()), max(floors.values())] if floors else None}
+    visible = {}  # what the visible lesions stage 2 calls liver look like, beside the found ones
+    for lesion_type in LESION_TYPES:
+        for name, group in (("found", [x for x in lesions if x["found"]]), ("called liver", called_liver)):
+            group = [x for x in group if x["type"] == lesion_type and (x["cnr"] or 0) >= 2]
+            if group:
+                visible[f"{lesion_type}, {name}"] = {
+                    "lesions": len(group),
+                    **{f"median {key}": round(float(np.median([x[key] for x in group])), 1)
+                       for key in ("contrast_hu", "contrast_energy_hu", "noise_hu", "long_axis_mm")}}
+    return {"by_reference_type": by_type, "cnr_bins": "contrast energy / noise of the liver 1.5-6 mm around",
+            "by_conspicuity": found_table(lesions, lambda x: cnr_bin(x["cnr"]), bins),
+            "by_type_and_conspicuity": {t: found_table([x for x in lesions if x["type"] == t],
+                                                       lambda x: cnr_bin(x["cnr"]), bins) for t in LESION_TYPES},
+            "miss_causes": causes, "stage2_signal": signal, "visible_lesions_cnr_2_or_more": visible}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -149,8 +192,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"{args.out} exists: not overwriting an earlier result")
-    from liverlesionai.evaluation import SIZE_BINS
-    from liverlesionai.records import LESION_TYPES
 
     folders = sorted(p for root in args.cases for p in Path(root).iterdir() if p.is_dir())
     started = time.time()
@@ -159,41 +200,13 @@ def main(argv=None):
         per_case = list(pool.map(_case, jobs))
     real_lesions = per_case.pop() if args.real else []
     lesions = [lesion for case in per_case for lesion in case]
-    table = {}
-    for lesion_type in LESION_TYPES:
-        of_type = [x for x in lesions if x["type"] == lesion_type]
-        found = [x for x in of_type if x["found"]]
-        table[lesion_type] = {
-            "lesions": len(of_type), "found": len(found),
-            "found_by_size": {b: f"{sum(x['found'] for x in of_type if x['size'] == b)} of "
-                                 f"{sum(x['size'] == b for x in of_type)}" for b in SIZE_BINS},
-            "typed_as": {t: sum(x["predicted_type"] == t for x in found) for t in LESION_TYPES}}
-    bins = [cnr_bin(edge) for edge in CNR_BINS] + [cnr_bin(None)]
-    by_conspicuity = found_table(lesions, lambda x: cnr_bin(x["cnr"]), bins)
-    by_type_and_conspicuity = {t: found_table([x for x in lesions if x["type"] == t], lambda x: cnr_bin(x["cnr"]),
-                                              bins) for t in LESION_TYPES}
-    missed = [x for x in lesions if not x["found"]]
-    causes = {"all misses": found_table(missed, lambda x: x["cause"], MISS_CAUSES),
-              "misses with cnr >= 2": found_table([x for x in missed if (x["cnr"] or 0) >= 2], lambda x: x["cause"],
-                                                  MISS_CAUSES)}
-    causes = {name: {cause: {key: value.split(" of ")[1] for key, value in row.items()} for cause, row in table.items()}
-              for name, table in causes.items()}  # found is 0 in every row: keep the counts
-    called_liver = [x for x in missed if x["cause"] == MISS_CAUSES[3]]
-    floors = {x["case"]: x["case_lesion_free_probability"] for x in lesions if x["case_lesion_free_probability"] is not None}
-    signal = {"misses stage 2 calls liver: median mean lesion probability":
-              float(np.median([x["lesion_probability"] for x in called_liver])) if called_liver else None,
-              "cases' lesion-free liver: median lesion probability, median and range over cases":
-              [float(np.median(list(floors.values()))), min(floors.values()), max(floors.values())] if floors else None}
-    report = {"model": args.model, "cases": [str(c) for c in args.cases], "n_cases": len(folders),
-              "by_reference_type": table, "cnr_bins": "contrast energy / noise of the liver 1.5-6 mm around",
-              "by_conspicuity": by_conspicuity, "by_type_and_conspicuity": by_type_and_conspicuity,
-              "miss_causes": causes, "stage2_signal": signal, "real_case": {"folder": str(args.real), "lesions": real_lesions} if args.real else None,
+    summary = tables(lesions)
+    report = {"model": args.model, "cases": [str(c) for c in args.cases], "n_cases": len(folders), **summary,
+              "real_case": {"folder": str(args.real), "lesions": real_lesions} if args.real else None,
               "lesions": lesions, "seconds": round(time.time() - started)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({"by_reference_type": table, "by_conspicuity": by_conspicuity,
-                      "by_type_and_conspicuity": by_type_and_conspicuity, "miss_causes": causes,
-                      "stage2_signal": signal, "real_case": real_lesions}, indent=1))
+    print(json.dumps({**summary, "real_case": real_lesions}, indent=1))
 
 
 if __name__ == "__main__":

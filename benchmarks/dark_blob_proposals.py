@@ -50,7 +50,7 @@ def _case(args) -> dict:
     import torch
 
     from liverlesionai.datasets import find_cases
-    from liverlesionai.engine import LiverLesionEngine, largest_component
+    from liverlesionai.engine import LiverLesionEngine, stage2_liver_region
     from liverlesionai.evaluation import evaluate_case
     from liverlesionai.preprocessing import denormalize_hu
 
@@ -69,9 +69,7 @@ def _case(args) -> dict:
     reported2 = in_stage2_grid(outputs, result.lesion_instances) > 0
     spacing = float(cfg.stage2_spacing[0])
     hu = denormalize_hu(outputs.hu2, cfg.hu_window).astype(np.float32)
-    # stage 2's liver as the engine takes it: its liver or lesion within 10 mm of stage 1's liver
-    near = ndimage.binary_dilation(outputs.prior2 > 0.5, iterations=int(round(10 / spacing)))
-    liver = largest_component((outputs.probs2.argmax(0) >= 1) & near)
+    liver = stage2_liver_region(outputs.probs2.argmax(0), outputs.prior2, spacing)
     inner = ndimage.distance_transform_edt(liver, sampling=spacing) > EDGE_MM
     contrast = local_contrast(hu, liver, spacing)
     spread = 1.4826 * float(np.median(np.abs(contrast[inner] - np.median(contrast[inner]))))

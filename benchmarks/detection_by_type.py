@@ -31,11 +31,11 @@ MISS_CAUSES = ("reported, not matched", "dropped by the candidate filter", "stag
                "stage 2: liver", "stage 2: lesion below the rule")
 
 
-def in_stage2_grid(outputs, reference):
-    """A reference lesion map in the input's grid, resampled (nearest) onto stage 2's grid."""
+def in_stage2_grid(outputs, instances):
+    """A lesion map in the input's grid (reference or reported), resampled (nearest) onto stage 2's grid."""
     from liverlesionai.geometry import canonicalize, resample_separable
 
-    canon = canonicalize(reference.astype(np.float32), outputs.ct.ijk_to_ras)
+    canon = canonicalize(instances.astype(np.float32), outputs.ct.ijk_to_ras)
     return np.rint(resample_separable(canon.array, canon.grid, outputs.grid2, 0)).astype(np.int64)
 
 
@@ -44,8 +44,9 @@ def miss_causes(engine, outputs, result, truth, matched_ids) -> tuple[dict[int, 
     matched elsewhere or covers too little; a candidate reached it but the filter dropped it; else what stage 2's
     argmax calls most of it (outside the liver, liver, or lesion the rule still leaves out). With the share of it
     stage 1 calls liver (p > 0.5), in stage 2's grid, and its mean summed lesion probability; and that
-    probability's median over the lesion-free liver (stage 2's liver, 3 voxels clear of any reference lesion),
-    the floor a missed lesion's probability would have to rise above."""
+    probability's median over the lesion-free liver (stage 2's liver or lesion where stage 1's liver probability
+    is over 0.5, 3 voxels clear of any reference lesion), the floor a missed lesion's probability would have to
+    rise above."""
     from scipy import ndimage
 
     from liverlesionai.networks import FILTER_OFF, STAGE2_FIRST_LESION

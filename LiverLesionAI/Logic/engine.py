@@ -349,8 +349,7 @@ class LiverLesionEngine:
         ct, canon, g2, x2, prior2, probs2 = (outputs.ct, outputs.canon, outputs.grid2, outputs.hu2, outputs.prior2,
                                              outputs.probs2)
         labels2 = probs2.argmax(0)
-        near_liver = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / cfg.stage2_spacing[0])))
-        liver_region = largest_component((labels2 >= 1) & near_liver)
+        liver_region = stage2_liver_region(labels2, prior2, cfg.stage2_spacing[0])
         lesion_prob2 = probs2[STAGE2_FIRST_LESION:].astype(np.float32).sum(0)
         if cfg.lesion_threshold is None:
             lesion_mask = (labels2 >= STAGE2_FIRST_LESION) & liver_region
@@ -499,6 +498,13 @@ class LiverLesionEngine:
             mask2 = resample_separable(mask_c, canon.grid, g2, 0, dtype=np.uint8) > 0
         expert = domain_gate.route(self.gate, self.acquisition_features(ct)) if self.gate else "parent"
         return g2, x2, prior2, mask2, expert
+
+
+def stage2_liver_region(labels2, prior2, spacing_mm):
+    """Stage 2's organ: its liver and lesion voxels (argmax ``labels2`` >= 1) within 10 mm of stage 1's liver
+    (``prior2`` > 0.5), largest component. Lesions are looked for inside it."""
+    near_liver = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / float(spacing_mm))))
+    return largest_component((labels2 >= 1) & near_liver)
 
 
 def fill_holes_per_slice(mask):

@@ -69,8 +69,10 @@ def miss_causes(engine, outputs, result, truth, matched_ids) -> tuple[dict[int, 
             continue
         inside = reference == gt_id
         inside2 = reference2 == gt_id
-        record = {"stage1_liver_share": round(float((outputs.prior2[inside2] > 0.5).mean()), 3) if inside2.any() else None,
-                  "lesion_probability": round(float(lesion_prob2[inside2].mean()), 3) if inside2.any() else None}
+        record = {"stage1_liver_share": None, "lesion_probability": None}
+        if inside2.any():
+            record.update(stage1_liver_share=round(float((outputs.prior2[inside2] > 0.5).mean()), 3),
+                          lesion_probability=round(float(lesion_prob2[inside2].mean()), 3))
         if np.mean(result.lesion_instances[inside] > 0) >= MIN_OVERLAP:
             record["cause"] = MISS_CAUSES[0]
         elif np.mean(candidates[inside] > 0) >= MIN_OVERLAP:
@@ -159,10 +161,11 @@ def tables(lesions: list[dict]) -> dict:
     causes = {"all misses": found_table(missed, lambda x: x["cause"], MISS_CAUSES),
               "misses with cnr >= 2": found_table([x for x in missed if (x["cnr"] or 0) >= 2], lambda x: x["cause"],
                                                   MISS_CAUSES)}
-    causes = {name: {cause: {key: value.split(" of ")[1] for key, value in row.items()} for cause, row in counts.items()}
-              for name, counts in causes.items()}  # found is 0 in every row: keep the counts
+    causes = {name: {cause: {key: value.split(" of ")[1] for key, value in row.items()}  # found is 0: keep n
+                     for cause, row in counts.items()} for name, counts in causes.items()}
     called_liver = [x for x in missed if x["cause"] == MISS_CAUSES[3]]
-    floors = {x["case"]: x["case_lesion_free_probability"] for x in lesions if x["case_lesion_free_probability"] is not None}
+    floors = {x["case"]: x["case_lesion_free_probability"] for x in lesions
+              if x["case_lesion_free_probability"] is not None}
     signal = {"misses stage 2 calls liver: median mean lesion probability":
               float(np.median([x["lesion_probability"] for x in called_liver])) if called_liver else None,
               "cases' lesion-free liver: median lesion probability, median and range over cases":

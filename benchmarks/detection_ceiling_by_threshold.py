@@ -48,7 +48,8 @@ def main(argv=None):
     from pathlib import Path
 
     args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("model", "a model folder"),
-                                         options={"--thresholds": {"type": float, "nargs": "+", "default": list(THRESHOLDS),
+                                         options={"--thresholds": {"type": float, "nargs": "+",
+                                                                   "default": list(THRESHOLDS),
                                                                    "help": "lesion thresholds to try"}})
     from liverlesionai.engine import LiverLesionEngine
 
@@ -63,8 +64,8 @@ def main(argv=None):
     for threshold in args.thresholds:
         row = detection_under_filters(merged([part[threshold] for part in parts]), own_filter, log=lambda m: None)
         true = row["true_candidates"]
-        report["thresholds"].append({"lesion_threshold": threshold, **row,
-                                     "recall_ceiling": true / max(true + row["reference_lesions_without_candidate"], 1)})
+        ceiling = true / max(true + row["reference_lesions_without_candidate"], 1)
+        report["thresholds"].append({"lesion_threshold": threshold, **row, "recall_ceiling": ceiling})
         print(report["thresholds"][-1], flush=True)
     report["seconds"] = round(time.time() - started)
     write_report(report, args.out)

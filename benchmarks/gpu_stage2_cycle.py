@@ -36,10 +36,10 @@ from liverlesionai.networks import STAGE2_FIRST_LESION, CascadeConfig, UNet2p5D
 CYCLE_SEED_BASE = T.TRAIN_SEED_BASE + 500_000  # phantoms no training stage, head fit or benchmark has drawn
 
 
-def lesion_weighted_batch(min_weight: float, step: int):
-    """The cycle's batch of ``step`` with every lesion pixel weighing at least ``min_weight`` (the inverse-size
-    weights give a large lesion's pixels the liver's weight 1; stage 2 calls most lesions it misses liver)."""
-    x, target, weights = T.training_batch("stage2", CYCLE_SEED_BASE, 2, 16, None, step)
+def lesion_weighted_batch(make_batch, min_weight: float, step: int):
+    """``make_batch(step)`` with every lesion pixel weighing at least ``min_weight`` (the inverse-size weights give
+    a large lesion's pixels the liver's weight 1; stage 2 calls most lesions it misses liver)."""
+    x, target, weights = make_batch(step)
     return x, target, torch.where(target >= STAGE2_FIRST_LESION, weights.clamp(min=min_weight), weights)
 
 
@@ -60,8 +60,9 @@ def main(argv=None):
     state, card = load_model(args.model)
     net = UNet2p5D(CascadeConfig.from_dict(card["architecture"]).stage2)
     net.load_state_dict({k.removeprefix("stage2."): v for k, v in state.items() if k.startswith("stage2.")})
-    make_batch = (functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None)
-                  if args.lesion_min_weight == 1.0 else functools.partial(lesion_weighted_batch, args.lesion_min_weight))
+    make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None)
+    if args.lesion_min_weight != 1.0:
+        make_batch = functools.partial(lesion_weighted_batch, make_batch, args.lesion_min_weight)
     deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
     run_dir = args.out.with_name("." + args.out.name + ".run")  # checkpoints: rerun to resume
     started = time.time()

@@ -100,9 +100,10 @@ class CascadeConfig:
     # a lesion made of round bodies joined through a neck is reported as one lesion per body, each typed and
     # measured on its own (RECIST 1.1 keeps lesions apart while a plane separates them): a body holds a ball of
     # lesion_split_min_radius_mm and its core rises at least lesion_split_dynamic_mm above the neck's half-width,
-    # which with lesion_split_max_neck_ratio is also at most that share of its radius (engine.split_touching_lesions). The candidate filter judged the whole component; its pieces share that
-    # evidence. None: off, as in every shipped model: candidates v5.13 and v5.14 added more false lesions (pieces of
-    # large lobulated lesions) than true ones (README)
+    # which with lesion_split_max_neck_ratio is also at most that share of its radius (engine.split_touching_lesions).
+    # The candidate filter judged the whole component; its pieces share that evidence. None: off, as in every
+    # shipped model: candidates v5.13 and v5.14 added more false lesions (pieces of large lobulated lesions) than
+    # true ones (README)
     lesion_split_dynamic_mm: float | None = None
     lesion_split_min_radius_mm: float = 2.5
     lesion_split_max_neck_ratio: float | None = None

@@ -108,6 +108,45 @@ def test_a_training_batch_is_a_function_of_its_step_and_workers_render_the_same_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_a_wider_stage2_slab_starts_where_its_parent_is_and_trains_on_wider_batches():
+    """networks.with_wider_slab: the widened network gives the parent's output on any input (the added outer slices
+    weigh 0 until trained), keeps the prior last, and is refused an even or narrower slab; training_batch renders
+    slabs of the width its config says, the same batch for the same step."""
+    import functools
+
+    from liverlesionai.networks import UNet2p5D, with_wider_slab
+
+    torch.manual_seed(0)
+    parent = UNet2p5D(CascadeConfig().stage2)
+    with torch.no_grad():  # BatchNorm statistics other than the identity, as a trained network has
+        for module in parent.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    parent.eval()
+    wide = with_wider_slab(parent, 7).eval()
+    assert wide.config.in_channels == 8 and parent.config.in_channels == 4
+    x = torch.randn(2, 8, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), parent(torch.cat([x[:, 2:5], x[:, 7:]], 1)), atol=1e-5)
+        shifted = x.clone()
+        shifted[:, 1] += 5.0  # an added slice changes nothing until trained
+        assert torch.allclose(wide(shifted), wide(x), atol=1e-5)
+        shifted[:, 3] += 5.0  # the parent's centre slice does
+        assert not torch.allclose(wide(shifted), wide(x), atol=1e-3)
+    for slices in (2, 6, 1):
+        with pytest.raises(ValueError, match="odd number of slices of at least 3"):
+            with_wider_slab(parent, slices)
+    config = CascadeConfig()
+    config.stage2 = wide.config
+    make_batch = functools.partial(T.training_batch, "stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, config=config)
+    x, target, weights = make_batch(3)
+    assert tuple(x.shape) == (4, 8, 96, 96) and tuple(target.shape) == (4, 96, 96)
+    assert 0.0 <= x[:, -1].min() and x[:, -1].max() <= 1.0  # the prior, last
+    assert not torch.equal(x[:, 0], x[:, 3])  # seven different slices
+    assert torch.equal(make_batch(3)[0], x)
+
+
 def test_train_resume_assemble_and_run(tmp_path):
     run = tmp_path / "run"
     logs = []

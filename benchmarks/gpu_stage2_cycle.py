@@ -10,7 +10,9 @@ no figures: judge it on CPU afterwards with the candidate tools (lesion_rule_can
 filter are chosen again for it; classifier_candidate.py: the head refitted on its lesions).
 ``--lesion-min-weight`` makes every lesion pixel weigh at least that much (a liver pixel weighs 1). On the CPU,
 1200 steps with 3 found no more lesions than the same cycle without it (README, "A further stage-2 cycle"):
-on a GPU, try it at scale beside a control.
+on a GPU, try it at scale beside a control. ``--slab-slices 7`` widens stage 2's slab from 3 slices (3.75 mm) to 7
+(networks.with_wider_slab): on the CPU, 1200 steps gave the added slices 6-8% of the centre slices' weight (norms) and
+found what the control found (README, "More z-context"); on a GPU, likewise beside a control.
 
     # on the GPU machine, after gpu_check part 6 gave the steps per second with workers
     python benchmarks/gpu_stage2_cycle.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 $OUT/stage2-cycle \\
@@ -31,7 +33,7 @@ import torch
 
 from liverlesionai import training as T
 from liverlesionai.model_io import load_model, save_model
-from liverlesionai.networks import STAGE2_FIRST_LESION, CascadeConfig, UNet2p5D
+from liverlesionai.networks import STAGE2_FIRST_LESION, CascadeConfig, UNet2p5D, with_wider_slab
 
 CYCLE_SEED_BASE = T.TRAIN_SEED_BASE + 500_000  # phantoms no training stage, head fit or benchmark has drawn
 
@@ -53,14 +55,22 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--lesion-min-weight", type=float, default=1.0,
                         help="least loss weight of a lesion pixel (a liver pixel weighs 1; the shipped cycles: 1)")
+    parser.add_argument("--slab-slices", type=int, default=None,
+                        help="widen stage 2's slab to this many slices (odd; the parent's weights on its centre "
+                             "slices, the added ones starting at 0: networks.with_wider_slab); default: the parent's")
     args = parser.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"{args.out} exists: not overwriting a model")
     device = T.resolve_device(args.device)
     state, card = load_model(args.model)
-    net = UNet2p5D(CascadeConfig.from_dict(card["architecture"]).stage2)
+    config = CascadeConfig.from_dict(card["architecture"])
+    net = UNet2p5D(config.stage2)
     net.load_state_dict({k.removeprefix("stage2."): v for k, v in state.items() if k.startswith("stage2.")})
-    make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None)
+    parent_slices = config.stage2.in_channels - 1
+    if args.slab_slices is not None and args.slab_slices != parent_slices:
+        net = with_wider_slab(net, args.slab_slices)
+        config.stage2 = net.config
+    make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None, config=config)
     if args.lesion_min_weight != 1.0:
         make_batch = functools.partial(lesion_weighted_batch, make_batch, args.lesion_min_weight)
     deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
@@ -72,12 +82,14 @@ def main(argv=None):
     new_state = {**state, **{f"stage2.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}}
     history = (f"{Path(args.model).name} ({card['version']}, SHA-256 {card['weights_sha256'][:16]}...) with a further "
                f"stage-2 cycle of {step} of {args.steps} scheduled steps (peak lr {T.RESTART_LR}, 16 slabs, phantoms "
-               f"from seed {CYCLE_SEED_BASE}, lesion pixels weighing at least {args.lesion_min_weight:g}, "
+               f"from seed {CYCLE_SEED_BASE}, lesion pixels weighing at least {args.lesion_min_weight:g}, slabs of "
+               f"{config.stage2.in_channels - 1} slices (the parent's {parent_slices}), "
                f"{args.workers} render workers, {device.type}, {seconds} s"
                f"{'' if step >= args.steps else ': stopped at the time limit before the schedule annealed'}); "
                f"stage 1, classifier head, lesion rule and filter the parent's, not refitted; no figures yet "
                f"(benchmarks/gpu_stage2_cycle.py). Parent's history: " + card.get("training_history", ""))
     new_card = {**{k: v for k, v in card.items() if k not in ("metrics", "adoption", "weights_sha256", "created")},
+                "architecture": config.to_dict(),
                 "version": card["version"] + "+stage2-cycle", "training_history": history, "metrics": {},
                 "training_steps": {**card.get("training_steps", {}), "stage2_cycle": step}}
     save_model(args.out, new_state, new_card)

@@ -87,8 +87,9 @@ def stage2_with_features(engine, x2, prior2, batch=8):
     return probs, fine, coarse
 
 
-def case_voxels(engine, ct, reference_organ=None, tissue=None):
-    """Stage 2's liver and lesions on its grid, its 4 mm shell, and a function giving the head's input at voxels."""
+def case_voxels(engine, ct, reference_organ=None, tissue=None, lesion_instances=None):
+    """Stage 2's liver, summed lesion probability and lesions on its grid, its 4 mm shell, and a function giving the
+    head's input at voxels; reference maps given are resampled onto the grid."""
     from scipy import ndimage
 
     from liverlesionai.engine import largest_component
@@ -100,7 +101,8 @@ def case_voxels(engine, ct, reference_organ=None, tissue=None):
     probs, fine, coarse = stage2_with_features(engine, x2, prior2)
     near = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / cfg.stage2_spacing[0])))
     liver = largest_component((probs.argmax(0) >= 1) & near)  # as lesions_from
-    lesion = (probs[2:].astype(np.float32).sum(0) >= cfg.lesion_threshold) & liver
+    lesion_probability = probs[2:].astype(np.float32).sum(0)
+    lesion = (lesion_probability >= cfg.lesion_threshold) & liver
     shell = ~liver & (ndimage.distance_transform_edt(~liver, sampling=cfg.stage2_spacing) <= SHELL_MM)
     hu = denormalize_hu(x2, cfg.hu_window)
 
@@ -112,12 +114,15 @@ def case_voxels(engine, ct, reference_organ=None, tissue=None):
         return np.concatenate([fine[:, k, j, i].T, coarse[:, k, j // 2, i // 2].T, probs[:, k, j, i].T,
                                (hu[k, j, i] / 100.0)[:, None]], 1).astype(np.float32)
 
-    out = {"liver": liver, "lesion": lesion, "shell": shell, "features": features,
+    out = {"liver": liver, "lesion_probability": lesion_probability, "lesion": lesion, "shell": shell,
+           "features": features,
            "inner_rim": liver & (ndimage.distance_transform_edt(liver, sampling=cfg.stage2_spacing) <= SHELL_MM)}
     if reference_organ is not None:
         out["reference"] = on_grid2(reference_organ, 1) > 0.5
     if tissue is not None:
         out["tissue"] = on_grid2(tissue, 0).astype(np.uint8)
+    if lesion_instances is not None:
+        out["instances"] = np.rint(on_grid2(lesion_instances, 0)).astype(np.int64)
     return out
 
 

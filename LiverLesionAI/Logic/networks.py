@@ -235,6 +235,26 @@ class UNet2p5D(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+def with_wider_slab(stage2: UNet2p5D, slices: int) -> UNet2p5D:
+    """A copy of a stage-2 network whose slab is ``slices`` adjacent slices (and the liver prior, last), computing
+    what ``stage2`` computes: its first convolution keeps the parent's weights on the parent's slices (the centre
+    ones) and the prior, and weighs the added outer slices 0, so further training starts where the parent is and
+    learns what the wider context is worth."""
+    parent_slices = stage2.config.in_channels - 1
+    if slices < parent_slices or slices % 2 == 0:
+        raise ValueError(f"a wider slab needs an odd number of slices of at least {parent_slices}, not {slices}")
+    wide = UNet2p5D(UNetConfig(**{**stage2.config.to_dict(), "in_channels": slices + 1,
+                                  "features": stage2.config.features}))
+    state = stage2.state_dict()
+    first = "encoder.stages.0.0.0.weight"
+    weight = torch.zeros_like(wide.state_dict()[first])
+    offset = (slices - parent_slices) // 2
+    weight[:, offset:offset + parent_slices] = state[first][:, :parent_slices]
+    weight[:, -1] = state[first][:, -1]
+    wide.load_state_dict({**state, first: weight})
+    return wide
+
+
 class LesionClassifierHead(nn.Module):
     """Types a lesion from three orthogonal patches through it.
 

@@ -195,15 +195,18 @@ BLOCK_SLABS = 4  # training slabs cut from each rendered block
 BATCH_SEED = 12345
 
 
-def training_batch(part: str, seed_base: int, reuse: int, batch: int, domain, step: int):
+def training_batch(part: str, seed_base: int, reuse: int, batch: int, domain, step: int,
+                   config: CascadeConfig | None = None):
     """Stage ``part``'s ("stage1" or "stage2") training batch of optimiser step ``step``, a function of its
     arguments alone, so batches can be rendered ahead in worker processes and a resumed run draws what an
     uninterrupted one would. The step renders ceil(batch / BLOCK_SLABS) blocks from the phantoms a sequential
-    stream from ``seed_base`` would give it (each phantom serving ``reuse`` blocks)."""
+    stream from ``seed_base`` would give it (each phantom serving ``reuse`` blocks). ``config`` sets the slab
+    (its stage's in_channels; default CascadeConfig())."""
     blocks = -(-batch // BLOCK_SLABS)
     source = PhantomSource(seed_base + step * -(-blocks // reuse), reuse=reuse, domain=domain)
     make_batch = stage1_batch if part == "stage1" else stage2_batch
-    return make_batch(source, CascadeConfig(), np.random.default_rng([BATCH_SEED, step]), batch, per_block=BLOCK_SLABS)
+    return make_batch(source, config or CascadeConfig(), np.random.default_rng([BATCH_SEED, step]), batch,
+                      per_block=BLOCK_SLABS)
 
 
 def _render_worker_init():

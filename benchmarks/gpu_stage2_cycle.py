@@ -11,7 +11,7 @@ filter are chosen again for it; classifier_candidate.py: the head refitted on it
 ``--lesion-min-weight`` makes every lesion pixel weigh at least that much (a liver pixel weighs 1). On the CPU,
 1200 steps with 3 found no more lesions than the same cycle without it (README, "A further stage-2 cycle"):
 on a GPU, try it at scale beside a control. ``--slab-slices 7`` widens stage 2's slab from 3 slices (3.75 mm) to 7
-(networks.with_wider_slab): on the CPU, 1200 steps gave the added slices 6-8% of the centre slices' weight (norms) and
+(networks.with_wider_slab): on the CPU, 1200 steps gave the added slices 6-9% of the centre slices' weight (norms) and
 found what the control found (README, "More z-context"); on a GPU, likewise beside a control.
 
     # on the GPU machine, after gpu_check part 6 gave the steps per second with workers

@@ -35,10 +35,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
-from torch import nn
 
 from lesion_rule_candidate import MAX_IN_PLANE, POOL_SEEDS, phantom_set, pool_judge_arguments
-from liver_refinement_head import _engine, case_voxels
+from liver_refinement_head import _engine, case_voxels, fit_head, fitted_head
 
 TRAIN_SEEDS = range(1_960_000, 1_960_080)
 Z_OFFSETS = ((-4, 0, 0), (-2, 0, 0), (2, 0, 0), (4, 0, 0))  # stage-2 voxels (1.25 mm)
@@ -92,24 +91,11 @@ def _training_samples(args):
     return features, np.concatenate(labels), np.concatenate(weights)
 
 
-def fit_head(features, is_lesion, weights, epochs=30, seed=0):
-    torch.manual_seed(seed)
-    mean, std = features.mean(0), features.std(0) + 1e-3
-    x = torch.from_numpy((features - mean) / std)
-    y = torch.from_numpy(is_lesion.astype(np.float32))
-    w = weights / weights[is_lesion].sum()
-    w[~is_lesion] = weights[~is_lesion] / weights[~is_lesion].sum()
-    w = torch.from_numpy((w * len(w) / 2).astype(np.float32))  # lesion and non-lesion weigh the same in all
-    head = nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 1))
-    optimizer = torch.optim.AdamW(head.parameters(), 3e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        for batch in torch.split(torch.randperm(len(y)), 4096):
-            loss = nn.functional.binary_cross_entropy_with_logits(head(x[batch])[:, 0], y[batch], weight=w[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    head.eval()
-    return {"state": head.state_dict(), "mean": mean, "std": std}
+def balanced(weights, is_lesion):
+    """The samples' weights scaled so that lesion and non-lesion samples weigh the same in all (mean 1)."""
+    out = weights / weights[is_lesion].sum()
+    out[~is_lesion] = weights[~is_lesion] / weights[~is_lesion].sum()
+    return out * len(out) / 2
 
 
 def candidates_by_threshold(score, organ, instances, small_ids):
@@ -147,8 +133,7 @@ def _case_scores(args):
     scores = {"stage 2 (summed lesion probability)": np.where(organ, v["lesion_probability"], 0.0)}
     index = np.nonzero(organ)
     for name, fitted in heads.items():
-        head = nn.Sequential(nn.Linear(len(fitted["mean"]), 64), nn.ReLU(), nn.Linear(64, 1))
-        head.load_state_dict(fitted["state"])
+        head = fitted_head(fitted)
         score = np.zeros(organ.shape, np.float32)
         parts = []
         with torch.inference_mode():
@@ -207,7 +192,8 @@ def main(argv=None):
         labels = np.concatenate([s[1] for s in samples])
         weights = np.concatenate([s[2] for s in samples])
         print(f"{len(labels)} samples ({labels.sum()} lesion) in {time.perf_counter() - started:.0f} s", flush=True)
-        heads = {name: fit_head(np.concatenate([s[0][name] for s in samples]), labels, weights) for name in HEADS}
+        heads = {name: fit_head(np.concatenate([s[0][name] for s in samples]), labels,
+                                weights=balanced(weights, labels)) for name in HEADS}
         del samples
         print(f"heads fitted at {time.perf_counter() - started:.0f} s", flush=True)
         pool_dir = phantom_set(args.cases / "pool", POOL_SEEDS, args.threads)

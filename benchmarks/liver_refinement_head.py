@@ -146,21 +146,30 @@ def _training_samples(args):
     return np.concatenate(features), np.concatenate(is_liver)
 
 
-def fit_head(features, is_liver, epochs=30, seed=0):
+def fit_head(features, is_liver, epochs=30, seed=0, weights=None):
+    """A one-hidden-layer head fitted by binary cross-entropy, each sample weighing ``weights`` (default 1)."""
     torch.manual_seed(seed)
     mean, std = features.mean(0), features.std(0) + 1e-3
     x = torch.from_numpy((features - mean) / std)
     y = torch.from_numpy(is_liver.astype(np.float32))
+    w = torch.ones(len(y)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     head = nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 1))
     optimizer = torch.optim.AdamW(head.parameters(), 3e-3, weight_decay=1e-4)
     for _ in range(epochs):
         for batch in torch.split(torch.randperm(len(y)), 4096):
-            loss = nn.functional.binary_cross_entropy_with_logits(head(x[batch])[:, 0], y[batch])
+            loss = nn.functional.binary_cross_entropy_with_logits(head(x[batch])[:, 0], y[batch], weight=w[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     head.eval()
     return {"state": head.state_dict(), "mean": mean, "std": std}
+
+
+def fitted_head(fitted):
+    """The head fit_head fitted, ready to run on standardised inputs."""
+    head = nn.Sequential(nn.Linear(len(fitted["mean"]), 64), nn.ReLU(), nn.Linear(64, 1))
+    head.load_state_dict(fitted["state"])
+    return head.eval()
 
 
 def rule_name(remove_below, add_above):
@@ -175,8 +184,7 @@ def _liver_dice_by_rule(args) -> dict:
     engine = _engine(model)
     case = find_cases(folder)[0]
     v = case_voxels(engine, case.load_image(), reference_organ=case.load_truth()["liver_mask"] > 0)
-    head = nn.Sequential(nn.Linear(len(fitted["mean"]), 64), nn.ReLU(), nn.Linear(64, 1))
-    head.load_state_dict(fitted["state"])
+    head = fitted_head(fitted)
     index = np.nonzero(v["liver"] | v["shell"])
     with torch.inference_mode():
         x = (v["features"](index) - fitted["mean"]) / fitted["std"]

@@ -8,7 +8,7 @@ through each lesion, encoded by the stage-2 encoder).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -243,8 +243,7 @@ def with_wider_slab(stage2: UNet2p5D, slices: int) -> UNet2p5D:
     parent_slices = stage2.config.in_channels - 1
     if slices < parent_slices or slices % 2 == 0:
         raise ValueError(f"a wider slab needs an odd number of slices of at least {parent_slices}, not {slices}")
-    wide = UNet2p5D(UNetConfig(**{**stage2.config.to_dict(), "in_channels": slices + 1,
-                                  "features": stage2.config.features}))
+    wide = UNet2p5D(replace(stage2.config, in_channels=slices + 1))
     state = stage2.state_dict()
     first = "encoder.stages.0.0.0.weight"
     weight = torch.zeros_like(wide.state_dict()[first])

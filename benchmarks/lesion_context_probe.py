@@ -6,8 +6,8 @@ learnt little weight on the added slices, so this asks the question without retr
 hidden layer of 64) read, per voxel, stage 2's frozen decoder features (16 + 32 channels), class probabilities and
 the HU (liver_refinement_head.case_voxels)
 - "slice": at the voxel only (what stage 2's last layer reads);
-- "z context": the same at the voxel and 2.5 and 5 mm above and below it (features stage 2 computed from slices it
-  did not see when it labelled the voxel);
+- "z context": the same at the voxel and 2.5 and 5 mm above and below it (features stage 2 computed partly from
+  slices it did not see when it labelled the voxel);
 - "in-plane context": the same at the voxel and 5 mm to its four sides: the control for five times the inputs.
 Each is fitted to "reference lesion" on voxels of stage 2's liver (lesions included) in training phantoms (seeds
 TRAIN_SEEDS, never a pool, judge or test seed), every lesion sampled alike whatever its size (inverse-volume
@@ -38,6 +38,7 @@ import torch
 
 from lesion_rule_candidate import MAX_IN_PLANE, POOL_SEEDS, phantom_set, pool_judge_arguments
 from liver_refinement_head import _engine, case_voxels, fit_head, fitted_head
+from liverlesionai.evaluation import SIZE_BINS, match_lesions, size_bin
 
 TRAIN_SEEDS = range(1_960_000, 1_960_080)
 Z_OFFSETS = ((-4, 0, 0), (-2, 0, 0), (2, 0, 0), (4, 0, 0))  # stage-2 voxels (1.25 mm)
@@ -103,8 +104,6 @@ def candidates_by_threshold(score, organ, instances, small_ids):
     ``small_ids``: the lesions under 10 mm) and the number of candidates matched to none (false)."""
     from scipy import ndimage
 
-    from liverlesionai.evaluation import match_lesions
-
     rows = []
     for threshold in THRESHOLDS:
         components, n = ndimage.label((score >= threshold) & organ)
@@ -151,10 +150,6 @@ def _case_scores(args):
                        for name, score in scores.items()}}
 
 
-def size_bin(diameter_mm):
-    return "<10mm" if diameter_mm < 10 else "10-20mm" if diameter_mm <= 20 else ">20mm"
-
-
 def summary(cases, false_per_case=FALSE_PER_CASE):
     """Per score: lesions reached and false candidates at each threshold, summed over cases, and the operating
     points (the threshold reaching the most lesions with at most ``false_per_case`` false candidates a case) and
@@ -166,7 +161,7 @@ def summary(cases, false_per_case=FALSE_PER_CASE):
         sweep = []
         for t, threshold in enumerate(THRESHOLDS):
             reached = [(c, i) for c in cases for i in c["scores"][name][t]["reached"]]
-            bins = {b: 0 for b in ("<10mm", "10-20mm", ">20mm")}
+            bins = dict.fromkeys(SIZE_BINS, 0)
             for c, i in reached:
                 bins[size_bin(c["lesions"][i]["diameter_mm"])] += 1
             false = sum(c["scores"][name][t]["false"] for c in cases)

@@ -92,15 +92,14 @@ def case_voxels(engine, ct, reference_organ=None, tissue=None, lesion_instances=
     head's input at voxels; reference maps given are resampled onto the grid."""
     from scipy import ndimage
 
-    from liverlesionai.engine import largest_component
+    from liverlesionai.engine import stage2_liver_region
     from liverlesionai.geometry import canonicalize, resample_separable
     from liverlesionai.preprocessing import denormalize_hu
 
     cfg = engine.config
     canon, g2, x2, prior2, _ = engine._stage2_inputs(ct)
     probs, fine, coarse = stage2_with_features(engine, x2, prior2)
-    near = ndimage.binary_dilation(prior2 > 0.5, iterations=int(round(10 / cfg.stage2_spacing[0])))
-    liver = largest_component((probs.argmax(0) >= 1) & near)  # as lesions_from
+    liver = stage2_liver_region(probs.argmax(0), prior2, cfg.stage2_spacing[0])
     lesion_probability = probs[2:].astype(np.float32).sum(0)
     lesion = (lesion_probability >= cfg.lesion_threshold) & liver
     shell = ~liver & (ndimage.distance_transform_edt(~liver, sampling=cfg.stage2_spacing) <= SHELL_MM)

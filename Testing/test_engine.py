@@ -487,3 +487,36 @@ def test_the_great_vessel_rule_takes_only_false_liver_out_and_leaves_lesions_alo
     assert not (organ_on & ~organ_off).any() and removed.sum() * abs(np.linalg.det(ct.ijk_to_ras[:3, :3])) > 10_000
     assert (removed & ~reference).sum() >= 0.75 * removed.sum()  # mostly false liver (0.82)
     assert dice(organ_on, reference) > dice(organ_off, reference) + 0.003
+
+
+def test_dents_in_the_liver_are_closed_by_a_ball():
+    """On stage 1's 3 mm grid (5 mm slices): a liver-sized ball (radius 60 mm) with a cyst-sized dent at its surface
+    (a ball of radius 12 mm centred on the surface, as stage 1 carves a dark lesion out of its liver) and a hole
+    in it. A 20 mm ball fills the hole and the dent but for its mouth (the rolled ball bridges it a few mm under
+    the sphere) and grows the convex surface nowhere; a 6 mm ball fills the hole and about half of the dent; a
+    liver cut by the array's edge is not closed against it. The field round-trips the
+    card, absent (older cards) meaning off."""
+    from liverlesionai.engine import closing_by_ball
+    from liverlesionai.networks import CascadeConfig
+
+    sampling_kji = (5.0, 3.0, 3.0)
+    k, j, i = np.mgrid[:30, :56, :56] * np.array(sampling_kji)[:, None, None, None]
+    from_centre = np.sqrt((i - 84) ** 2 + (j - 84) ** 2 + (k - 75) ** 2)
+    liver_ball = from_centre <= 60
+    dent = (i - 144) ** 2 + (j - 84) ** 2 + (k - 75) ** 2 <= 12 ** 2
+    hole = (np.abs(i - 60) < 4) & (np.abs(j - 84) < 4) & (np.abs(k - 75) < 6)
+    liver = liver_ball & ~dent & ~hole
+    deep_dent = dent & (from_centre <= 55)  # more than 5 mm under the sphere
+    closed = closing_by_ball(liver, sampling_kji, 20.0)
+    assert (closed & (hole | deep_dent)).sum() == (hole | deep_dent).sum() and not (closed & ~liver_ball).any()
+    assert not (liver & ~closed).any()
+    small = closing_by_ball(liver, sampling_kji, 6.0)
+    assert (small & hole).sum() == hole.sum() and not (small & ~liver_ball).any()
+    assert 0 < (small & deep_dent).sum() < 0.7 * deep_dent.sum()
+    edge = np.zeros_like(liver_ball)  # the field of view ends inside the liver
+    edge[:, :, :20] = liver_ball[:, :, :20]
+    assert (closing_by_ball(edge, sampling_kji, 20.0) == edge).all()
+    assert not closing_by_ball(np.zeros_like(liver), sampling_kji, 20.0).any()
+    assert CascadeConfig.from_dict(CascadeConfig(liver_closing_mm=20).to_dict()).liver_closing_mm == 20.0
+    assert CascadeConfig.from_dict({key: value for key, value in CascadeConfig(liver_closing_mm=20).to_dict().items()
+                                    if key != "liver_closing_mm"}).liver_closing_mm is None

@@ -108,6 +108,34 @@ def test_a_training_batch_is_a_function_of_its_step_and_workers_render_the_same_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_a_cycle_keeps_the_weights_of_every_nth_step_for_a_learning_curve(tmp_path):
+    """With ``keep_every`` the loop keeps the weights of those steps beside its one resumable checkpoint: each is
+    the weights the run had then (the last equals the final checkpoint's, earlier ones differ), a resumed run keeps
+    on adding them, and a ``keep_every`` the checkpoints cannot give is refused before anything is written."""
+    from liverlesionai.networks import UNet2p5D, UNetConfig
+
+    def make_batch(step):
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(2, 2, 16, 16, generator=generator)
+        return x, (x[:, 0] > 0).long(), torch.ones(2, 16, 16)
+
+    torch.manual_seed(0)
+    net = UNet2p5D(UNetConfig(in_channels=2, num_classes=2, features=(4, 8)))
+    run, cpu = tmp_path / "run", torch.device("cpu")
+    T.train_network(net, make_batch, 4, run, "cycle", cpu, log=lambda m: None, checkpoint_every=1, keep_every=2)
+    T.train_network(net, make_batch, 6, run, "cycle", cpu, log=lambda m: None, checkpoint_every=1, keep_every=2)
+    kept = {path.name: torch.load(path, weights_only=True) for path in run.glob("cycle.step*.ckpt")}
+    assert sorted(kept) == ["cycle.step2.ckpt", "cycle.step4.ckpt", "cycle.step6.ckpt"]
+    assert [kept[f"cycle.step{n}.ckpt"]["step"] for n in (2, 4, 6)] == [2, 4, 6]
+    final = torch.load(run / "cycle.ckpt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], kept["cycle.step6.ckpt"]["model"][k]) for k in final)
+    first_conv = "encoder.stages.0.0.0.weight"
+    assert not torch.equal(kept["cycle.step2.ckpt"]["model"][first_conv], final[first_conv])
+    with pytest.raises(ValueError, match="multiple of checkpoint_every"):
+        T.train_network(net, make_batch, 4, tmp_path / "refused", "cycle", cpu, checkpoint_every=50, keep_every=75)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_wider_stage2_slab_starts_where_its_parent_is_and_trains_on_wider_batches():
     """networks.with_wider_slab: the widened network gives the parent's output on any input (the added outer slices
     weigh 0 until trained), keeps the prior last, and is refused an even or narrower slab; training_batch renders

@@ -5,7 +5,9 @@ the candidates, and detection under the model's filter, with no filter and under
 ``training.choose_candidate_filter`` chosen on these very cases (an oracle, the ceiling of the two-threshold
 filter). Run on the 48 pool phantoms of lesion_rule_candidate.py, the choice set. ``--thresholds`` replaces the
 default ones (a network whose lesion probability runs higher, gpu_stage2_cycle.py --lesion-min-weight, is
-judged above them as well).
+judged above them as well). ``--config KEY=VALUE ...`` overrides fields of the model's CascadeConfig (JSON values),
+e.g. ``stage2_spacing=[0.9,0.9,0.9]`` (stage 2 shown the liver zoomed in: a test-time scale) or
+``liver_closing_mm=20``.
 
     python benchmarks/detection_ceiling_by_threshold.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
         /tmp/v510/pool --out benchmarks/results/detection_ceiling_by_threshold_v5.12_pool.json
@@ -32,8 +34,10 @@ def _evidence(args):
     from liverlesionai.training import candidate_evidence_by_threshold
 
     torch.set_num_threads(1)
-    model, folders, thresholds = args
+    model, folders, thresholds, overrides = args
     engine = LiverLesionEngine(model, device="cpu", threads=1, precision="fp32")
+    for key, value in overrides.items():
+        setattr(engine.config, key, tuple(value) if isinstance(value, list) else value)
     cases = (triple for folder in folders for triple in triples(folder))
     return candidate_evidence_by_threshold(engine, cases, thresholds)
 
@@ -50,17 +54,28 @@ def main(argv=None):
     args = detection_benchmark_arguments(__doc__.splitlines()[0], argv, ("model", "a model folder"),
                                          options={"--thresholds": {"type": float, "nargs": "+",
                                                                    "default": list(THRESHOLDS),
-                                                                   "help": "lesion thresholds to try"}})
-    from liverlesionai.engine import LiverLesionEngine
+                                                                   "help": "lesion thresholds to try"},
+                                                  "--config": {"nargs": "*", "default": [], "metavar": "KEY=VALUE",
+                                                               "help": "CascadeConfig fields to override (JSON "
+                                                                       "values)"}})
+    import json
 
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.networks import CascadeConfig
+
+    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.config)}
+    unknown = set(overrides) - set(CascadeConfig.__dataclass_fields__)
+    if unknown:
+        raise SystemExit(f"--config: no such CascadeConfig field(s): {', '.join(sorted(unknown))}")
     own_filter = dict(LiverLesionEngine(args.model, device="cpu").config.candidate_filter)
     folders = sorted(p for p in Path(args.cases).iterdir() if p.is_dir())
     started = time.time()
     workers = max(args.threads, 1)
     with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_evidence, [(args.model, folders[w::workers], args.thresholds) for w in range(workers)]))
+        parts = list(pool.map(_evidence, [(args.model, folders[w::workers], args.thresholds, overrides)
+                                       for w in range(workers)]))
     report = {"model": args.model, "cases": args.cases, "n_cases": len(folders), "own_filter": own_filter,
-              "thresholds": []}
+              "config_overrides": overrides, "thresholds": []}
     for threshold in args.thresholds:
         row = detection_under_filters(merged([part[threshold] for part in parts]), own_filter, log=lambda m: None)
         true = row["true_candidates"]

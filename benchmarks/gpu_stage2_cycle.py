@@ -13,6 +13,10 @@ filter are chosen again for it; classifier_candidate.py: the head refitted on it
 on a GPU, try it at scale beside a control. ``--slab-slices 7`` widens stage 2's slab from 3 slices (3.75 mm) to 7
 (networks.with_wider_slab): on the CPU, 1200 steps gave the added slices 6-9% of the centre slices' weight (norms) and
 found what the control found (README, "More z-context"); on a GPU, likewise beside a control.
+``--peak-lr`` sets the cycle's peak learning rate and ``--keep-every N`` keeps stage 2's weights every N steps for a
+learning curve (stage2_section_fit.py --checkpoint). On the CPU, 2400 steps at 2e-4 left stage 2's fit of its own
+training blocks flat (README, "Stage 2 is not short of steps"): the same recipe at length is not the lever, so on a
+GPU try changed recipes, each judged by that block fit first.
 
     # on the GPU machine, after gpu_check part 6 gave the steps per second with workers
     python benchmarks/gpu_stage2_cycle.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 $OUT/stage2-cycle \\
@@ -53,6 +57,11 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=None, help="stop at this wall time, annealed or not")
     parser.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 2, 1))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--peak-lr", type=float, default=T.RESTART_LR,
+                        help=f"the cycle's peak learning rate (default {T.RESTART_LR:g}, the warm restarts')")
+    parser.add_argument("--keep-every", type=int, default=None,
+                        help="keep stage 2's weights every this many steps (a multiple of 50) in the run folder, "
+                             "for a learning curve (stage2_section_fit.py --checkpoint)")
     parser.add_argument("--lesion-min-weight", type=float, default=1.0,
                         help="least loss weight of a lesion pixel (a liver pixel weighs 1; the shipped cycles: 1)")
     parser.add_argument("--slab-slices", type=int, default=None,
@@ -76,12 +85,12 @@ def main(argv=None):
     deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
     run_dir = args.out.with_name("." + args.out.name + ".run")  # checkpoints: rerun to resume
     started = time.time()
-    step = T.train_network(net, make_batch, args.steps, run_dir, "stage2_cycle", device, lr=T.RESTART_LR,
-                           cancel=lambda: time.time() > deadline, workers=args.workers)
+    step = T.train_network(net, make_batch, args.steps, run_dir, "stage2_cycle", device, lr=args.peak_lr,
+                           cancel=lambda: time.time() > deadline, workers=args.workers, keep_every=args.keep_every)
     seconds = round(time.time() - started)
     new_state = {**state, **{f"stage2.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}}
     history = (f"{Path(args.model).name} ({card['version']}, SHA-256 {card['weights_sha256'][:16]}...) with a further "
-               f"stage-2 cycle of {step} of {args.steps} scheduled steps (peak lr {T.RESTART_LR}, 16 slabs, phantoms "
+               f"stage-2 cycle of {step} of {args.steps} scheduled steps (peak lr {args.peak_lr:g}, 16 slabs, phantoms "
                f"from seed {CYCLE_SEED_BASE}, lesion pixels weighing at least {args.lesion_min_weight:g}, slabs of "
                f"{config.stage2.in_channels - 1} slices (the parent's {parent_slices}), "
                f"{args.workers} render workers, {device.type}, {seconds} s"

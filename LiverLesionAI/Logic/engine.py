@@ -317,6 +317,9 @@ class LiverLesionEngine:
             filled = fill_holes_per_slice(liver1) if cfg.fill_holes_in_slices else ndimage.binary_fill_holes(liver1)
             holes = filled & ~liver1
             liver_prob1[holes], liver1 = 1.0, liver1 | holes
+        if cfg.liver_closing_mm and liver_prior is None:
+            dents = closing_by_ball(liver1, np.asarray(g1.spacing, float)[::-1], cfg.liver_closing_mm) & ~liver1
+            liver_prob1[dents], liver1 = 1.0, liver1 | dents
         liver1_ml = liver1.sum() * np.prod(g1.spacing) / 1000
         if liver1_ml < MIN_LIVER_ML or liver1_ml > MAX_LIVER_ML:
             reason = ("is the upper abdomen in the field of view?" if liver1_ml < MIN_LIVER_ML else
@@ -557,6 +560,15 @@ def opening_by_ball(mask, sampling_kji, radius_mm):
     if not core.any():
         return core
     return mask & (ndimage.distance_transform_edt(~core, sampling=sampling_kji) <= radius_mm)
+
+
+def closing_by_ball(mask, sampling_kji, radius_mm):
+    """``mask`` with every dent a ball of ``radius_mm`` cannot enter filled (morphological closing by the ball: the
+    opening of the complement, with room around the mask so that its edges are not closed against the array's)."""
+    pad = int(np.ceil(radius_mm / float(np.min(sampling_kji)))) + 1
+    outside = np.pad(~mask, pad, constant_values=True)
+    closed = ~opening_by_ball(outside, sampling_kji, radius_mm)
+    return closed[tuple(slice(pad, -pad) for _ in range(mask.ndim))]
 
 
 def lesion_appendages(lesion_mask, spacing_xyz, radius_mm):

@@ -73,6 +73,11 @@ class CascadeConfig:
     # also the holes of each axial slice (open in 3D at the organ's top or bottom); False: 3D cavities only,
     # which keeps the gallbladder, enclosed by liver in axial slices, out of the liver stage 2 searches
     fill_holes_in_slices: bool = True
+    # stage 1 carves dark lesions at the liver's surface out of its liver as dents, not holes, and stage 2 follows
+    # its prior: the dents a ball of this radius cannot enter are filled (engine.closing_by_ball) before stage 2
+    # looks. None: off, as in every shipped model (candidate v5.15, 20 mm, found 2 more judge lesions but typed them
+    # wrong and lost liver Dice: README)
+    liver_closing_mm: float | None = None
     # what the lesion classifier sees per view: "descriptors" (intensity/shape descriptors, v5 on) or
     # "encoder" (pooled stage-2 encoder features, models up to v4); both add the pixel type probabilities
     classifier_features: str = "descriptors"
@@ -114,7 +119,7 @@ class CascadeConfig:
                 "hu_window": list(self.hu_window), "classifier_patch": self.classifier_patch,
                 "min_lesion_confidence": self.min_lesion_confidence, "max_surface_fraction": self.max_surface_fraction,
                 "lesion_threshold": self.lesion_threshold, "fill_liver_holes": self.fill_liver_holes,
-                "fill_holes_in_slices": self.fill_holes_in_slices,
+                "fill_holes_in_slices": self.fill_holes_in_slices, "liver_closing_mm": self.liver_closing_mm,
                 "classifier_features": self.classifier_features, "stage2_views": list(self.stage2_views),
                 "great_vessel_radius_mm": self.great_vessel_radius_mm,
                 "great_vessel_min_hu_above_liver": self.great_vessel_min_hu_above_liver,
@@ -135,6 +140,7 @@ class CascadeConfig:
                    lesion_threshold=None if d.get("lesion_threshold") is None else float(d["lesion_threshold"]),
                    fill_liver_holes=bool(d.get("fill_liver_holes", False)),
                    fill_holes_in_slices=bool(d.get("fill_holes_in_slices", True)),
+                   liver_closing_mm=None if d.get("liver_closing_mm") is None else float(d["liver_closing_mm"]),
                    classifier_features=d.get("classifier_features", "encoder"),
                    stage2_views=tuple(d.get("stage2_views", ("axial",))),
                    great_vessel_radius_mm=None if d.get("great_vessel_radius_mm") is None

@@ -314,9 +314,12 @@ def train_step(net, optimizer, batch, device, teacher=None, distill_weight=1.0) 
 
 
 def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=print, checkpoint_every=50,
-                  param_groups=None, cancel=None, workers=0):
+                  param_groups=None, cancel=None, workers=0, keep_every=None):
     """Generic resumable loop; ``make_batch(step)`` returns the step's (x, target[, weights]), rendered ahead in
-    ``workers`` processes when > 0 (BatchStream)."""
+    ``workers`` processes when > 0 (BatchStream). ``keep_every``: also keep the weights of every such step as
+    ``name.step<N>.ckpt`` (a learning curve; a multiple of ``checkpoint_every``)."""
+    if keep_every is not None and keep_every % checkpoint_every:
+        raise ValueError(f"keep_every ({keep_every}) must be a multiple of checkpoint_every ({checkpoint_every})")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / f"{name}.ckpt"
@@ -356,6 +359,8 @@ def train_network(net, make_batch, steps, run_dir, name, device, lr=2e-3, log=pr
                 _save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                         "schedule": schedule.state_dict(), "step": step})
                 (run_dir / f"{name}.history.json").write_text(json.dumps(history))
+                if keep_every and step % keep_every == 0:
+                    _save_checkpoint(run_dir / f"{name}.step{step}.ckpt", {"model": net.state_dict(), "step": step})
     finally:
         batches.close()
     net.eval()

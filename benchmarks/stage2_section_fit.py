@@ -1,0 +1,179 @@
+"""Exploratory: how well stage 2 calls lesion pixels lesion, on the blocks it is trained on and on whole CTs.
+
+Stage 2 calls most visible lesions it misses liver (README, "By conspicuity"). Is that a gap between the trainer's
+blocks (rendered straight onto stage 2's 1.25 mm grid, an imitated liver prior) and whole phantom CTs (rendered on
+the scanner's grid, resampled, stage 1's prior), or does stage 2 fit its own training distribution no better?
+
+A lesion section is a connected piece of one lesion in one slab's centre slice, of at least 8 pixels (~4 mm
+across); per section: its equivalent diameter, its mean summed lesion-type probability and the share of its pixels
+at the shipped lesion threshold (0.15). Summaries by size: the median mean probability, the share of sections whose
+mean reaches the shipped filter's confidence (0.4), the share at least half covered; and the share of liver
+pixels at 0.15 (the false side). Sources:
+- blocks: ``--blocks`` training batches of 16 slabs (all three slab views, as trained) from phantoms no stage
+  drew (seeds from BLOCK_SEED_BASE), through the model's stage 2 and through each ``--checkpoint``;
+- cases (``--cases``): every axial slice of each case's reference lesions on stage 2's grid, the engine's pass with
+  stage 1's liver prior, and again with the reference liver as prior (the engine's ``liver_prior``).
+
+    python benchmarks/stage2_section_fit.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 --blocks 100 \\
+        --cases /tmp/v510/pool --every 3 --out benchmarks/results/stage2_section_fit_v5.12.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+BLOCK_SEED_BASE = 1_990_000  # phantoms no training stage, cycle, head fit or other benchmark has drawn
+MIN_SECTION_PIXELS = 8
+SIZE_BINS_MM = ((4, 10), (10, 20), (20, 40), (40, float("inf")))
+TYPE_SIZE_BINS_MM = ((4, 10), (10, 20), (20, float("inf")))
+CONFIDENT = 0.4  # the shipped filter's least mean lesion probability
+THRESHOLD = 0.15  # the shipped lesion threshold
+
+
+def sections(lesion_probability, instances, types, spacing_mm):
+    """(type index, equivalent diameter mm, mean lesion probability, share at THRESHOLD) of each lesion section of
+    a slice: each connected piece of each lesion of ``instances`` (``types``: lesion id -> type index)."""
+    rows = []
+    for lesion_id in np.unique(instances[instances > 0]):
+        pieces, n = ndimage.label(instances == lesion_id)
+        for piece in range(1, n + 1):
+            inside = pieces == piece
+            area = int(inside.sum())
+            if area >= MIN_SECTION_PIXELS:
+                p = lesion_probability[inside]
+                rows.append((types[int(lesion_id)], 2 * np.sqrt(area * spacing_mm ** 2 / np.pi), float(p.mean()),
+                             float((p >= THRESHOLD).mean())))
+    return rows
+
+
+def _fit(table):
+    if not len(table):
+        return {"sections": 0}
+    return {"sections": len(table), "median_mean_probability": round(float(np.median(table[:, 2])), 3),
+            "confident_share": round(float(np.mean(table[:, 2] >= CONFIDENT)), 3),
+            "half_covered_share": round(float(np.mean(table[:, 3] >= 0.5)), 3)}
+
+
+def summary(rows, liver_hits, liver_pixels):
+    """The fit of all sections, by size, and by reference type and size."""
+    from liverlesionai.records import LESION_TYPES
+
+    table = np.array(rows, float).reshape(-1, 4)
+
+    def sized(part, bins):
+        return {f"{lo}-{hi:g} mm": _fit(part[(part[:, 1] >= lo) & (part[:, 1] < hi)]) for lo, hi in bins}
+
+    return {"liver_pixels_at_threshold": round(liver_hits / max(liver_pixels, 1), 4), "all": _fit(table),
+            "by_size": sized(table, SIZE_BINS_MM),
+            "by_type": {name: {"all": _fit(table[table[:, 0] == index]),
+                               **sized(table[table[:, 0] == index], TYPE_SIZE_BINS_MM)}
+                        for index, name in enumerate(LESION_TYPES)}}
+
+
+def block_fit(net, batches, spacing_mm):
+    from liverlesionai.networks import STAGE2_FIRST_LESION, STAGE2_LIVER
+    from liverlesionai.records import LESION_TYPES
+
+    rows, liver_hits, liver_pixels = [], 0, 0
+    net.eval()
+    for x, target, _ in batches:
+        with torch.inference_mode():
+            probs = net(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+        lesion_probability = probs[:, STAGE2_FIRST_LESION:].sum(1).numpy()
+        target = target.numpy()
+        liver = target == STAGE2_LIVER
+        liver_hits += int((lesion_probability[liver] >= THRESHOLD).sum())
+        liver_pixels += int(liver.sum())
+        for slab in range(len(target)):
+            # the target holds types, not lesion ids: each type's connected pieces stand for its lesions
+            for index in range(len(LESION_TYPES)):
+                pieces, n = ndimage.label(target[slab] == STAGE2_FIRST_LESION + index)
+                rows += sections(lesion_probability[slab], pieces, dict.fromkeys(range(1, n + 1), index), spacing_mm)
+    return summary(rows, liver_hits, liver_pixels)
+
+
+def case_fit(engine, cases, reference_prior):
+    from liver_refinement_head import stage2_with_features
+    from liverlesionai.geometry import canonicalize, resample_separable
+    from liverlesionai.networks import STAGE2_FIRST_LESION
+    from liverlesionai.records import LESION_TYPES
+
+    spacing_mm = float(engine.config.stage2_spacing[0])
+    rows, liver_hits, liver_pixels = [], 0, 0
+    for _, ct, truth in cases:
+        prior = truth["liver_mask"] if reference_prior else None
+        canon, g2, x2, prior2, _ = engine._stage2_inputs(ct, liver_prior=prior)
+        probs = stage2_with_features(engine, x2, prior2)[0]
+        lesion_probability = probs[STAGE2_FIRST_LESION:].astype(np.float32).sum(0)
+
+        def on_grid2(array):
+            return np.rint(resample_separable(canonicalize(array.astype(np.float32), ct.ijk_to_ras).array,
+                                              canon.grid, g2, 0)).astype(np.int64)
+
+        instances = on_grid2(truth["lesion_instances"])
+        types = {lesion_id: LESION_TYPES.index(name) for lesion_id, name in truth["lesion_types"].items()}
+        liver = (on_grid2(truth["liver_mask"]) > 0) & (instances == 0)
+        liver_hits += int((lesion_probability[liver] >= THRESHOLD).sum())
+        liver_pixels += int(liver.sum())
+        for k in np.nonzero(instances.reshape(len(instances), -1).max(1))[0]:
+            rows += sections(lesion_probability[k], instances[k], types, spacing_mm)
+    return summary(rows, liver_hits, liver_pixels)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a model folder (its stage 2 and stage 1)")
+    parser.add_argument("--blocks", type=int, default=100, help="training batches of 16 slabs to judge on")
+    parser.add_argument("--checkpoint", nargs="*", default=[],
+                        help="stage-2 training checkpoints (train_network's .ckpt) judged on the same blocks")
+    parser.add_argument("--cases", type=Path, help="a folder of phantom cases")
+    parser.add_argument("--every", type=int, default=1, help="every n-th case of --cases")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    from liverlesionai import training as T
+    from liverlesionai.datasets import find_cases
+    from liverlesionai.engine import LiverLesionEngine
+    from liverlesionai.networks import UNet2p5D
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    engine = LiverLesionEngine(args.model, device="cpu", precision="fp32")
+    config = engine.config
+    batches = [T.training_batch("stage2", BLOCK_SEED_BASE, 2, 16, None, step, config=config)
+               for step in range(args.blocks)]
+    spacing_mm = float(config.stage2_spacing[0])
+    report = {"model": args.model, "block_seed_base": BLOCK_SEED_BASE, "blocks": args.blocks,
+              "block_fit": {"model": block_fit(engine.stage2, batches, spacing_mm)}}
+    print("blocks, model:", report["block_fit"]["model"], flush=True)
+    for checkpoint in args.checkpoint:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        net = UNet2p5D(config.stage2)
+        net.load_state_dict(saved["model"])
+        name = f"{Path(checkpoint).name} (step {saved['step']})"
+        report["block_fit"][name] = block_fit(net, batches, spacing_mm)
+        print(f"blocks, {name}:", report["block_fit"][name], flush=True)
+    if args.cases:
+        chosen = find_cases(args.cases)[::args.every]
+        report["cases"] = [case.case_id for case in chosen]
+
+        def cases():
+            return ((case.case_id, case.load_image(), case.load_truth()) for case in chosen)
+
+        report["case_fit"] = {"stage-1 prior": case_fit(engine, cases(), reference_prior=False),
+                              "reference liver prior": case_fit(engine, cases(), reference_prior=True)}
+        print("cases:", report["case_fit"], flush=True)
+    report["seconds"] = round(time.time() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,8 +15,9 @@ on a GPU, try it at scale beside a control. ``--slab-slices 7`` widens stage 2's
 found what the control found (README, "More z-context"); on a GPU, likewise beside a control.
 ``--peak-lr`` sets the cycle's peak learning rate and ``--keep-every N`` keeps stage 2's weights every N steps for a
 learning curve (stage2_section_fit.py --checkpoint). On the CPU, 2400 steps at 2e-4 left stage 2's fit of its own
-training blocks flat (README, "Stage 2 is not short of steps"): the same recipe at length is not the lever, so on a
-GPU try changed recipes, each judged by that block fit first.
+training blocks flat (README, "Stage 2 is not short of steps"): the same recipe at length is not the lever.
+``--type-weight metastasis=3 hemangioma=3`` multiplies those types' pixel weights: on the CPU (800 steps) it called a
+few more of their sections lesion by calling seven times as much liver lesion.
 
     # on the GPU machine, after gpu_check part 6 gave the steps per second with workers
     python benchmarks/gpu_stage2_cycle.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 $OUT/stage2-cycle \\
@@ -38,6 +39,7 @@ import torch
 from liverlesionai import training as T
 from liverlesionai.model_io import load_model, save_model
 from liverlesionai.networks import STAGE2_FIRST_LESION, CascadeConfig, UNet2p5D, with_wider_slab
+from liverlesionai.records import LESION_TYPES
 
 CYCLE_SEED_BASE = T.TRAIN_SEED_BASE + 500_000  # phantoms no training stage, head fit or benchmark has drawn
 
@@ -47,6 +49,26 @@ def lesion_weighted_batch(make_batch, min_weight: float, step: int):
     a large lesion's pixels the liver's weight 1; stage 2 calls most lesions it misses liver)."""
     x, target, weights = make_batch(step)
     return x, target, torch.where(target >= STAGE2_FIRST_LESION, weights.clamp(min=min_weight), weights)
+
+
+def type_weighted_batch(make_batch, factors: dict, step: int):
+    """``make_batch(step)`` with the pixels of some lesion types weighing more: ``factors`` {stage-2 class: factor}
+    (stage 2 fits hemangioma and metastasis sections of its own training blocks far worse than cysts)."""
+    x, target, weights = make_batch(step)
+    for lesion_class, factor in factors.items():
+        weights = torch.where(target == lesion_class, weights * factor, weights)
+    return x, target, weights
+
+
+def type_factors(items) -> dict:
+    """{stage-2 class: factor} from "TYPE=FACTOR" items (TYPE a lesion type)."""
+    factors = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in LESION_TYPES or not value:
+            raise SystemExit(f"--type-weight {item!r}: expected TYPE=FACTOR with TYPE one of {', '.join(LESION_TYPES)}")
+        factors[STAGE2_FIRST_LESION + LESION_TYPES.index(name)] = float(value)
+    return factors
 
 
 def main(argv=None):
@@ -64,6 +86,8 @@ def main(argv=None):
                              "for a learning curve (stage2_section_fit.py --checkpoint)")
     parser.add_argument("--lesion-min-weight", type=float, default=1.0,
                         help="least loss weight of a lesion pixel (a liver pixel weighs 1; the shipped cycles: 1)")
+    parser.add_argument("--type-weight", nargs="*", default=[], metavar="TYPE=FACTOR",
+                        help="multiply the loss weight of that lesion type's pixels (e.g. metastasis=3)")
     parser.add_argument("--slab-slices", type=int, default=None,
                         help="widen stage 2's slab to this many slices (odd; the parent's weights on its centre "
                              "slices, the added ones starting at 0: networks.with_wider_slab); default: the parent's")
@@ -82,16 +106,21 @@ def main(argv=None):
     make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None, config=config)
     if args.lesion_min_weight != 1.0:
         make_batch = functools.partial(lesion_weighted_batch, make_batch, args.lesion_min_weight)
+    factors = type_factors(args.type_weight)
+    if factors:
+        make_batch = functools.partial(type_weighted_batch, make_batch, factors)
     deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
     run_dir = args.out.with_name("." + args.out.name + ".run")  # checkpoints: rerun to resume
     started = time.time()
     step = T.train_network(net, make_batch, args.steps, run_dir, "stage2_cycle", device, lr=args.peak_lr,
                            cancel=lambda: time.time() > deadline, workers=args.workers, keep_every=args.keep_every)
     seconds = round(time.time() - started)
+    weighted_types = "".join(f", {LESION_TYPES[c - STAGE2_FIRST_LESION]} pixels x{f:g}" for c, f in factors.items())
     new_state = {**state, **{f"stage2.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}}
     history = (f"{Path(args.model).name} ({card['version']}, SHA-256 {card['weights_sha256'][:16]}...) with a further "
                f"stage-2 cycle of {step} of {args.steps} scheduled steps (peak lr {args.peak_lr:g}, 16 slabs, phantoms "
-               f"from seed {CYCLE_SEED_BASE}, lesion pixels weighing at least {args.lesion_min_weight:g}, slabs of "
+               f"from seed {CYCLE_SEED_BASE}, lesion pixels weighing at least {args.lesion_min_weight:g}"
+               f"{weighted_types}, slabs of "
                f"{config.stage2.in_channels - 1} slices (the parent's {parent_slices}), "
                f"{args.workers} render workers, {device.type}, {seconds} s"
                f"{'' if step >= args.steps else ': stopped at the time limit before the schedule annealed'}); "

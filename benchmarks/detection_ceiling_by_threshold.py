@@ -63,10 +63,15 @@ def main(argv=None):
     from liverlesionai.engine import LiverLesionEngine
     from liverlesionai.networks import CascadeConfig
 
-    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.config)}
-    unknown = set(overrides) - set(CascadeConfig.__dataclass_fields__)
-    if unknown:
-        raise SystemExit(f"--config: no such CascadeConfig field(s): {', '.join(sorted(unknown))}")
+    overrides = {}
+    for item in args.config:
+        key, _, value = item.partition("=")
+        if key not in CascadeConfig.__dataclass_fields__:
+            raise SystemExit(f"--config {item!r}: {key!r} is not a CascadeConfig field")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--config {item!r}: the value is not JSON (e.g. 20, [0.9,0.9,0.9], null)") from None
     own_filter = dict(LiverLesionEngine(args.model, device="cpu").config.candidate_filter)
     folders = sorted(p for p in Path(args.cases).iterdir() if p.is_dir())
     started = time.time()

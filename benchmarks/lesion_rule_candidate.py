@@ -31,6 +31,8 @@ views change. Each candidate is judged against the parent model given (the shipp
         --out benchmarks/results/candidate_v5.8_rejudge.json
     python benchmarks/lesion_rule_candidate.py v5.4 --model LiverLesionAI/Resources/Models/liverlesionai-v5.3 \\
         --cases /tmp/v53 --out benchmarks/results/candidate_v5.4.json
+    python benchmarks/lesion_rule_candidate.py v5.15 --model LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
+        --cases /tmp/v510 --threads 1 --out benchmarks/results/candidate_v5.15.json
 """
 
 from __future__ import annotations

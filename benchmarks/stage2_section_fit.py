@@ -6,9 +6,9 @@ the scanner's grid, resampled, stage 1's prior), or does stage 2 fit its own tra
 
 A lesion section is a connected piece of one lesion in one slab's centre slice, of at least 8 pixels (~4 mm
 across); per section: its equivalent diameter, its mean summed lesion-type probability and the share of its pixels
-at the shipped lesion threshold (0.15). Summaries by size: the median mean probability, the share of sections whose
-mean reaches the shipped filter's confidence (0.4), the share at least half covered; and the share of liver
-pixels at 0.15 (the false side). Sources:
+at the shipped lesion threshold (0.15). Summaries of all sections, by size, and by reference type and size: the
+median mean probability, the share of sections whose mean reaches the shipped filter's confidence (0.4), the share
+at least half covered; and the share of liver pixels at 0.15 (the false side). Sources:
 - blocks: ``--blocks`` training batches of 16 slabs (all three slab views, as trained) from phantoms no stage
   drew (seeds from BLOCK_SEED_BASE), through the model's stage 2 and through each ``--checkpoint``;
 - cases (``--cases``): every axial slice of each case's reference lesions on stage 2's grid, the engine's pass with

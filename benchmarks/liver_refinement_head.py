@@ -87,9 +87,10 @@ def stage2_with_features(engine, x2, prior2, batch=8):
     return probs, fine, coarse
 
 
-def case_voxels(engine, ct, reference_organ=None, tissue=None, lesion_instances=None):
+def case_voxels(engine, ct, reference_organ=None, tissue=None, lesion_instances=None, liver_prior=None):
     """Stage 2's liver, summed lesion probability and lesions on its grid, its 4 mm shell, and a function giving the
-    head's input at voxels; reference maps given are resampled onto the grid."""
+    head's input at voxels; reference maps given are resampled onto the grid. ``liver_prior``: a liver mask stage 2
+    is given instead of stage 1's (the engine's ``liver_prior``)."""
     from scipy import ndimage
 
     from liverlesionai.engine import stage2_liver_region
@@ -97,7 +98,7 @@ def case_voxels(engine, ct, reference_organ=None, tissue=None, lesion_instances=
     from liverlesionai.preprocessing import denormalize_hu
 
     cfg = engine.config
-    canon, g2, x2, prior2, _ = engine._stage2_inputs(ct)
+    canon, g2, x2, prior2, _ = engine._stage2_inputs(ct, liver_prior=liver_prior)
     probs, fine, coarse = stage2_with_features(engine, x2, prior2)
     liver = stage2_liver_region(probs.argmax(0), prior2, cfg.stage2_spacing[0])
     lesion_probability = probs[2:].astype(np.float32).sum(0)

@@ -100,26 +100,17 @@ def block_fit(net, batches, spacing_mm):
 
 
 def case_fit(engine, cases, reference_prior):
-    from liver_refinement_head import stage2_with_features
-    from liverlesionai.geometry import canonicalize, resample_separable
-    from liverlesionai.networks import STAGE2_FIRST_LESION
+    from liver_refinement_head import case_voxels
     from liverlesionai.records import LESION_TYPES
 
     spacing_mm = float(engine.config.stage2_spacing[0])
     rows, liver_hits, liver_pixels = [], 0, 0
     for _, ct, truth in cases:
-        prior = truth["liver_mask"] if reference_prior else None
-        canon, g2, x2, prior2, _ = engine._stage2_inputs(ct, liver_prior=prior)
-        probs = stage2_with_features(engine, x2, prior2)[0]
-        lesion_probability = probs[STAGE2_FIRST_LESION:].astype(np.float32).sum(0)
-
-        def on_grid2(array):
-            return np.rint(resample_separable(canonicalize(array.astype(np.float32), ct.ijk_to_ras).array,
-                                              canon.grid, g2, 0)).astype(np.int64)
-
-        instances = on_grid2(truth["lesion_instances"])
+        v = case_voxels(engine, ct, reference_organ=truth["liver_mask"], lesion_instances=truth["lesion_instances"],
+                        liver_prior=truth["liver_mask"] if reference_prior else None)
+        lesion_probability, instances = v["lesion_probability"], v["instances"]
         types = {lesion_id: LESION_TYPES.index(name) for lesion_id, name in truth["lesion_types"].items()}
-        liver = (on_grid2(truth["liver_mask"]) > 0) & (instances == 0)
+        liver = v["reference"] & (instances == 0)
         liver_hits += int((lesion_probability[liver] >= THRESHOLD).sum())
         liver_pixels += int(liver.sum())
         for k in np.nonzero(instances.reshape(len(instances), -1).max(1))[0]:

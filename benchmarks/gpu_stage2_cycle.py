@@ -65,9 +65,14 @@ def type_factors(items) -> dict:
     factors = {}
     for item in items:
         name, _, value = item.partition("=")
-        if name not in LESION_TYPES or not value:
-            raise SystemExit(f"--type-weight {item!r}: expected TYPE=FACTOR with TYPE one of {', '.join(LESION_TYPES)}")
-        factors[STAGE2_FIRST_LESION + LESION_TYPES.index(name)] = float(value)
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = None
+        if name not in LESION_TYPES or factor is None or factor <= 0:
+            raise SystemExit(f"--type-weight {item!r}: expected TYPE=FACTOR with TYPE one of {', '.join(LESION_TYPES)} "
+                             f"and FACTOR a positive number")
+        factors[STAGE2_FIRST_LESION + LESION_TYPES.index(name)] = factor
     return factors
 
 

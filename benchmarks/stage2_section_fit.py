@@ -21,6 +21,7 @@ at least half covered; and the share of liver pixels at 0.15 (the false side). S
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ SIZE_BINS_MM = ((4, 10), (10, 20), (20, 40), (40, float("inf")))
 TYPE_SIZE_BINS_MM = ((4, 10), (10, 20), (20, float("inf")))
 CONFIDENT = 0.4  # the shipped filter's least mean lesion probability
 THRESHOLD = 0.15  # the shipped lesion threshold
+THICKNESS_GROUPS_MM = {"0.8-1.5 mm": (0.0, 1.6), "2-3 mm": (1.6, 3.1), "5 mm": (3.1, np.inf)}
+CONTRAST_BINS_HU = ((-np.inf, -40), (-40, -20), (-20, 0), (0, 20), (20, np.inf))
 
 
 def sections(lesion_probability, instances, types, spacing_mm):
@@ -77,45 +80,85 @@ def summary(rows, liver_hits, liver_pixels):
                         for index, name in enumerate(LESION_TYPES)}}
 
 
-def block_fit(net, batches, spacing_mm):
+def headline(fit: dict) -> dict:
+    """The share of each type's sections reaching CONFIDENT, and of liver pixels at THRESHOLD."""
+    return {**{name: part["all"].get("confident_share") for name, part in fit["by_type"].items()},
+            "liver pixels": fit["liver_pixels_at_threshold"]}
+
+
+def block_fit(net, batches, spacing_mm, hu_window=(-250.0, 350.0)):
+    """The fit of the batches' lesion sections (``summary``), and of the sections of each type by where its liver
+    prior puts them (``by_prior``: the section's mean prior under or over 0.5; the trainer's prior leaves some
+    lesions out, as stage 1 does) and, those the prior holds, by their contrast (``by_contrast_in_prior``: the
+    section's mean HU less the median of the slab's liver, in its centre slice)."""
     from liverlesionai.networks import STAGE2_FIRST_LESION, STAGE2_LIVER
     from liverlesionai.records import LESION_TYPES
 
-    rows, liver_hits, liver_pixels = [], 0, 0
+    rows, context, liver_hits, liver_pixels = [], [], 0, 0
+    half_window_hu = (hu_window[1] - hu_window[0]) / 2
     net.eval()
     for x, target, _ in batches:
         with torch.inference_mode():
             probs = net(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
         lesion_probability = probs[:, STAGE2_FIRST_LESION:].sum(1).numpy()
-        target = target.numpy()
+        target, x = target.numpy(), x.numpy()
+        centre, prior = x[:, (x.shape[1] - 1) // 2], x[:, -1]
         liver = target == STAGE2_LIVER
         liver_hits += int((lesion_probability[liver] >= THRESHOLD).sum())
         liver_pixels += int(liver.sum())
         for slab in range(len(target)):
+            liver_level = float(np.median(centre[slab][liver[slab]])) if liver[slab].any() else np.nan
             # the target holds types, not lesion ids: each type's connected pieces stand for its lesions
             for index in range(len(LESION_TYPES)):
                 pieces, n = ndimage.label(target[slab] == STAGE2_FIRST_LESION + index)
-                rows += sections(lesion_probability[slab], pieces, dict.fromkeys(range(1, n + 1), index), spacing_mm)
-    return summary(rows, liver_hits, liver_pixels)
+                found = sections(lesion_probability[slab], pieces, dict.fromkeys(range(1, n + 1), index), spacing_mm)
+                rows += found
+                for piece in range(1, n + 1):
+                    inside = pieces == piece
+                    if inside.sum() >= MIN_SECTION_PIXELS:  # the sections ``sections`` kept, in its order
+                        context.append((float(prior[slab][inside].mean()),
+                                        (float(centre[slab][inside].mean()) - liver_level) * half_window_hu))
+    report = summary(rows, liver_hits, liver_pixels)
+    table, context = np.array(rows, float).reshape(-1, 4), np.array(context, float).reshape(-1, 2)
+    in_prior = context[:, 0] >= 0.5
+    report["by_prior"] = {name: {"prior under 0.5": _fit(table[(table[:, 0] == index) & ~in_prior]),
+                                 "prior 0.5 or more": _fit(table[(table[:, 0] == index) & in_prior])}
+                          for index, name in enumerate(LESION_TYPES)}
+    report["by_contrast_in_prior"] = {
+        name: {f"{lo:g} to {hi:g} HU": _fit(table[(table[:, 0] == index) & in_prior & (context[:, 1] >= lo)
+                                                  & (context[:, 1] < hi)]) for lo, hi in CONTRAST_BINS_HU}
+        for index, name in enumerate(LESION_TYPES)}
+    return report
 
 
 def case_fit(engine, cases, reference_prior):
+    """The fit of the cases' lesion sections (``summary``), and by the cases' slice thickness
+    (``by_slice_thickness``): blocks are rendered straight onto stage 2's grid, a CT of thick slices is resampled
+    onto it."""
     from liver_refinement_head import case_voxels
     from liverlesionai.records import LESION_TYPES
 
     spacing_mm = float(engine.config.stage2_spacing[0])
-    rows, liver_hits, liver_pixels = [], 0, 0
+    tallies = {}  # slice-thickness group -> [rows, liver hits, liver pixels]
     for _, ct, truth in cases:
         v = case_voxels(engine, ct, reference_organ=truth["liver_mask"], lesion_instances=truth["lesion_instances"],
                         liver_prior=truth["liver_mask"] if reference_prior else None)
         lesion_probability, instances = v["lesion_probability"], v["instances"]
         types = {lesion_id: LESION_TYPES.index(name) for lesion_id, name in truth["lesion_types"].items()}
         liver = v["reference"] & (instances == 0)
-        liver_hits += int((lesion_probability[liver] >= THRESHOLD).sum())
-        liver_pixels += int(liver.sum())
+        thickness_mm = float(np.linalg.norm(ct.ijk_to_ras[:3, 2]))
+        group = next(name for name, (lo, hi) in THICKNESS_GROUPS_MM.items() if lo <= thickness_mm < hi)
+        tally = tallies.setdefault(group, [[], 0, 0])
+        tally[1] += int((lesion_probability[liver] >= THRESHOLD).sum())
+        tally[2] += int(liver.sum())
         for k in np.nonzero(instances.reshape(len(instances), -1).max(1))[0]:
-            rows += sections(lesion_probability[k], instances[k], types, spacing_mm)
-    return summary(rows, liver_hits, liver_pixels)
+            tally[0] += sections(lesion_probability[k], instances[k], types, spacing_mm)
+    report = summary(sum((t[0] for t in tallies.values()), []), sum(t[1] for t in tallies.values()),
+                     sum(t[2] for t in tallies.values()))
+    report["by_slice_thickness"] = {name: {"cases_sections": len(tallies[name][0]),
+                                           **headline(summary(*tallies[name]))}
+                                    for name in THICKNESS_GROUPS_MM if name in tallies}
+    return report
 
 
 def main(argv=None):
@@ -141,16 +184,17 @@ def main(argv=None):
     batches = [T.training_batch("stage2", BLOCK_SEED_BASE, 2, 16, None, step, config=config)
                for step in range(args.blocks)]
     spacing_mm = float(config.stage2_spacing[0])
+    fit = functools.partial(block_fit, batches=batches, spacing_mm=spacing_mm, hu_window=config.hu_window)
     report = {"model": args.model, "block_seed_base": BLOCK_SEED_BASE, "blocks": args.blocks,
-              "block_fit": {"model": block_fit(engine.stage2, batches, spacing_mm)}}
-    print("blocks, model:", report["block_fit"]["model"], flush=True)
+              "block_fit": {"model": fit(engine.stage2)}}
+    print("blocks, model:", headline(report["block_fit"]["model"]), flush=True)
     for checkpoint in args.checkpoint:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         net = UNet2p5D(config.stage2)
         net.load_state_dict(saved["model"])
         name = f"{Path(checkpoint).name} (step {saved['step']})"
-        report["block_fit"][name] = block_fit(net, batches, spacing_mm)
-        print(f"blocks, {name}:", report["block_fit"][name], flush=True)
+        report["block_fit"][name] = fit(net)
+        print(f"blocks, {name}:", headline(report["block_fit"][name]), flush=True)
     if args.cases:
         chosen = find_cases(args.cases)[::args.every]
         report["cases"] = [case.case_id for case in chosen]
@@ -160,7 +204,8 @@ def main(argv=None):
 
         report["case_fit"] = {"stage-1 prior": case_fit(engine, cases(), reference_prior=False),
                               "reference liver prior": case_fit(engine, cases(), reference_prior=True)}
-        print("cases:", report["case_fit"], flush=True)
+        print("cases:", {prior: {**headline(fit), "by slice thickness": fit["by_slice_thickness"]}
+                         for prior, fit in report["case_fit"].items()}, flush=True)
     report["seconds"] = round(time.time() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

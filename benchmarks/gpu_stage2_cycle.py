@@ -85,7 +85,8 @@ def render_bank(folder: Path, batches: int, workers: int, config: CascadeConfig,
 class SlabBank:
     """The slabs of a rendered bank, in memory. ``batch(step)`` draws 16 of them at random (a function of the step,
     so a resumed run draws what an uninterrupted one would), each mirrored at random along its rows and columns: a
-    long cycle passes over each slab several times, never in the same company or orientation twice.
+    long cycle passes over each slab several times, each time in other company and, as often as not, another
+    orientation.
     ``rendered_batch(step)`` gives the bank's batches as rendered instead, in turn (4 adjacent slabs of each of 4
     blocks, as training_batch makes them): the control for what the random draw adds."""
 

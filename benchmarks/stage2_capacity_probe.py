@@ -15,7 +15,7 @@ use. Arms:
 
     python benchmarks/stage2_capacity_probe.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
         --train-batches 32 --steps 600 --out benchmarks/results/stage2_capacity_probe.json
-    python benchmarks/stage2_capacity_probe.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 \
+    python benchmarks/stage2_capacity_probe.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 \\
         --train-batches 4 --steps 800 --arms fresh --out benchmarks/results/stage2_capacity_probe_memorise.json
 """
 

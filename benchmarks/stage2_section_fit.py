@@ -40,9 +40,10 @@ THICKNESS_GROUPS_MM = {"0.8-1.5 mm": (0.0, 1.6), "2-3 mm": (1.6, 3.1), "5 mm": (
 CONTRAST_BINS_HU = ((-np.inf, -40), (-40, -20), (-20, 0), (0, 20), (20, np.inf))
 
 
-def sections(lesion_probability, instances, types, spacing_mm):
-    """(type index, equivalent diameter mm, mean lesion probability, share at THRESHOLD) of each lesion section of
-    a slice: each connected piece of each lesion of ``instances`` (``types``: lesion id -> type index)."""
+def sections(lesion_probability, instances, types, spacing_mm, means_of=()):
+    """(type index, equivalent diameter mm, mean lesion probability, share at THRESHOLD, then the section's mean of
+    each map of ``means_of``) of each lesion section of a slice: each connected piece of each lesion of
+    ``instances`` (``types``: lesion id -> type index)."""
     rows = []
     for lesion_id in np.unique(instances[instances > 0]):
         pieces, n = ndimage.label(instances == lesion_id)
@@ -52,7 +53,7 @@ def sections(lesion_probability, instances, types, spacing_mm):
             if area >= MIN_SECTION_PIXELS:
                 p = lesion_probability[inside]
                 rows.append((types[int(lesion_id)], 2 * np.sqrt(area * spacing_mm ** 2 / np.pi), float(p.mean()),
-                             float((p >= THRESHOLD).mean())))
+                             float((p >= THRESHOLD).mean()), *(float(m[inside].mean()) for m in means_of)))
     return rows
 
 
@@ -111,13 +112,10 @@ def block_fit(net, batches, spacing_mm, hu_window=(-250.0, 350.0)):
             # the target holds types, not lesion ids: each type's connected pieces stand for its lesions
             for index in range(len(LESION_TYPES)):
                 pieces, n = ndimage.label(target[slab] == STAGE2_FIRST_LESION + index)
-                found = sections(lesion_probability[slab], pieces, dict.fromkeys(range(1, n + 1), index), spacing_mm)
-                rows += found
-                for piece in range(1, n + 1):
-                    inside = pieces == piece
-                    if inside.sum() >= MIN_SECTION_PIXELS:  # the sections ``sections`` kept, in its order
-                        context.append((float(prior[slab][inside].mean()),
-                                        (float(centre[slab][inside].mean()) - liver_level) * half_window_hu))
+                for row in sections(lesion_probability[slab], pieces, dict.fromkeys(range(1, n + 1), index), spacing_mm,
+                                    means_of=(prior[slab], centre[slab])):
+                    rows.append(row[:4])
+                    context.append((row[4], (row[5] - liver_level) * half_window_hu))
     report = summary(rows, liver_hits, liver_pixels)
     table, context = np.array(rows, float).reshape(-1, 4), np.array(context, float).reshape(-1, 2)
     in_prior = context[:, 0] >= 0.5
@@ -155,7 +153,7 @@ def case_fit(engine, cases, reference_prior):
             tally[0] += sections(lesion_probability[k], instances[k], types, spacing_mm)
     report = summary(sum((t[0] for t in tallies.values()), []), sum(t[1] for t in tallies.values()),
                      sum(t[2] for t in tallies.values()))
-    report["by_slice_thickness"] = {name: {"cases_sections": len(tallies[name][0]),
+    report["by_slice_thickness"] = {name: {"sections": len(tallies[name][0]),
                                            **headline(summary(*tallies[name]))}
                                     for name in THICKNESS_GROUPS_MM if name in tallies}
     return report

@@ -45,9 +45,7 @@ def arm_network(arm: str, shipped):
 
     config = shipped.config
     if arm == "shipped":
-        net = UNet2p5D(config)
-        net.load_state_dict(shipped.state_dict())
-        return net, T.RESTART_LR
+        return copy.deepcopy(shipped), T.RESTART_LR
     if arm == "fresh":
         return UNet2p5D(config), 2e-3
     return UNet2p5D(UNetConfig(config.in_channels, config.num_classes, WIDE_FEATURES, config.convs_per_stage)), 2e-3

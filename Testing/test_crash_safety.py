@@ -145,3 +145,39 @@ def test_sigkill_while_writing_explanations(step, ct_file, tiny_model_dir, tmp_p
     assert hidden(out) == [] and visible(out) == ["case7.explanations"]
     assert sorted(p.name for p in (out / "case7.explanations").iterdir()) == [
         "explanations.json", "lesion_1.attribution.nrrd", "lesion_1.png"]
+
+
+def _write_case_after(barrier, folder):
+    from liverlesionai.datasets import write_phantom_case
+    from liverlesionai.errors import OutputError
+
+    barrier.wait()
+    try:
+        write_phantom_case(folder, 500_003, max_in_plane=128)
+        return "written"
+    except OutputError as error:
+        return f"OutputError: {error}"
+    except Exception as error:  # anything else is the bug this test guards against
+        return f"{type(error).__name__}: {error}"
+
+
+def test_two_processes_writing_one_phantom_case_leave_one_complete_case(tmp_path):
+    """Processes writing the same validation phantoms (build_model's phantom sets, the benchmarks' writers) race:
+    one case folder appears, complete, and the other writer gets the clear OutputError its caller skips, leaving
+    no staging folder behind."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from liverlesionai.datasets import find_cases
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Manager().Barrier(2)
+    folder = tmp_path / "val" / "phantom_500003"
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        outcomes = sorted(pool.map(_write_case_after, [barrier, barrier], [folder, folder]))
+    assert outcomes[1] == "written", outcomes
+    assert outcomes[0].startswith("OutputError: ") and str(folder) in outcomes[0], outcomes
+    assert [case.case_id for case in find_cases(tmp_path / "val")] == ["phantom_500003"]
+    assert sorted(p.name for p in folder.iterdir()) == ["image.nii.gz", "label.nii.gz", "labels.json",
+                                                        "lesion_instances.nii.gz"]
+    assert [p.name for p in (tmp_path / "val").iterdir()] == ["phantom_500003"]

@@ -266,6 +266,73 @@ def test_warm_restarts_continue_the_first_cycles_and_refit_the_classifier_only_f
         assert torch.equal(state[f"{part}.{key}"], restart[key])
 
 
+def test_a_bank_cycle_continues_stage2s_last_cycle_from_slabs_rendered_once(tmp_path):
+    run, quiet = tmp_path / "run", (lambda m: None)
+    with pytest.raises(FileNotFoundError, match="train stage2 before its bank cycle"):
+        T.train_stage("stage2_bank", run, 1, device="cpu", batch=4, bank_batches=3, log=quiet)
+    T.train_stage("stage1", run, 1, device="cpu", batch=4, log=quiet)
+    T.train_stage("stage2", run, 2, device="cpu", batch=4, log=quiet)
+    T.train_stage("classifier", run, 0, device="cpu", classifier_lesions=6, log=quiet)
+    T.train_stage("stage2_bank", run, 2, device="cpu", batch=4, bank_batches=3, log=quiet, workers=1)
+
+    bank_dir = run / "stage2_bank_slabs"
+    assert sorted(f.name for f in bank_dir.iterdir()) == ["bank.json", "batch00000.npz", "batch00001.npz",
+                                                          "batch00002.npz"]
+    # a bank batch (rendered in a worker process) is the training batch of its index, within float16
+    x, target, weights = T.training_batch("stage2", T.STAGE2_BANK_SEED_BASE, 2, 4, None, 1)
+    stored = np.load(bank_dir / "batch00001.npz")
+    stored_last_target = np.load(bank_dir / "batch00002.npz")["target"]
+    np.testing.assert_allclose(stored["x"].astype(np.float32), x.numpy(), atol=1e-3)
+    assert np.array_equal(stored["target"], target.numpy())
+    np.testing.assert_allclose(stored["weights"].astype(np.float32), weights.numpy(), rtol=1e-3)
+    # each step's draw is a function of the step, of the bank's slabs, some mirrored
+    bank = T.SlabBank(bank_dir, 3)
+    assert len(bank) == 12
+    drawn = bank.batch(7, size=4)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, bank.batch(7, size=4)))
+    assert not torch.equal(drawn[0], bank.batch(8, size=4)[0])
+    slabs = [np.stack([s, s[..., ::-1, :], s[..., ::-1], s[..., ::-1, ::-1]]) for s in bank.x.astype(np.float32)]
+    for slab in drawn[0].numpy():
+        assert any((np.abs(views - slab).reshape(4, -1).max(1) == 0).any() for views in slabs)
+
+    # the cycle starts from stage 2's weights and is the one the model takes; the classifier must follow it
+    key = "encoder.stages.0.0.0.weight"
+    first = torch.load(run / "stage2.ckpt", weights_only=True)["model"]
+    cycled = torch.load(run / "stage2_bank.ckpt", weights_only=True)["model"]
+    fresh = T.UNet2p5D(CascadeConfig().stage2).state_dict()
+    assert 0 < (cycled[key] - first[key]).norm() < 0.1 * (fresh[key] - first[key]).norm()
+    assert T.final_checkpoint(run, "stage2").name == "stage2_bank.ckpt"
+    assert T.final_checkpoint(run, "stage2", before="_bank").name == "stage2.ckpt"
+    assert not T.classifier_is_current(run)
+
+    # resumed without rendering again; a finished cycle does not read its bank at all
+    logs, stamps = [], {f: f.stat().st_mtime_ns for f in bank_dir.iterdir()}
+    T.train_stage("stage2_bank", run, 3, device="cpu", batch=4, bank_batches=3, log=logs.append)
+    assert any("resumed at step 2" in line for line in logs) and not any("bank:" in line for line in logs)
+    assert {f: f.stat().st_mtime_ns for f in bank_dir.iterdir()} == stamps
+    (bank_dir / "batch00002.npz").unlink()
+    T.train_stage("stage2_bank", run, 3, device="cpu", batch=4, bank_batches=3, log=logs.append)
+    assert not (bank_dir / "batch00002.npz").exists()
+    # a render killed while writing leaves a partial file, which the next render removes before filling the gap
+    (bank_dir / "batch00002.partial.npz").write_bytes(b"cut short")
+    T.render_bank(bank_dir, 3, 0, CascadeConfig(), batch=4, log=quiet)
+    assert sorted(f.name for f in bank_dir.iterdir())[-1] == "batch00002.npz"
+    assert np.array_equal(np.load(bank_dir / "batch00002.npz")["target"], stored_last_target)
+    # a folder holding another bank is refused, not mixed into this one
+    with pytest.raises(ValueError, match="holds another bank"):
+        T.render_bank(bank_dir, 3, 0, CascadeConfig(), seed_base=T.STAGE2_BANK_SEED_BASE + 1, batch=4, log=quiet)
+    (tmp_path / "stray").mkdir()
+    np.savez(tmp_path / "stray" / "batch00000.npz", x=np.zeros(1))
+    with pytest.raises(ValueError, match="without a bank.json"):
+        T.render_bank(tmp_path / "stray", 1, 0, CascadeConfig(), batch=4, log=quiet)
+
+    T.train_stage("classifier", run, 0, device="cpu", classifier_lesions=6, log=quiet)
+    card = T.assemble_model(run, tmp_path / "model", {"version": "t"})
+    assert card["training_steps"] == {"stage1": 1, "stage2": 2, "stage2_bank": 3, "classifier": 0}
+    state, _ = load_model(tmp_path / "model")
+    assert torch.equal(state[f"stage2.{key}"], torch.load(run / "stage2_bank.ckpt", weights_only=True)["model"][key])
+
+
 def test_lesion_core_is_an_inner_part_of_the_lesion_on_all_three_centre_planes():
     rng = np.random.default_rng(0)
     zz, yy, xx = np.mgrid[:32, :32, :32]

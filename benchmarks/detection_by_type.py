@@ -86,22 +86,28 @@ def miss_causes(engine, outputs, result, truth, matched_ids) -> tuple[dict[int, 
     return causes, floor
 
 
-def _case(args) -> list[dict]:
-    """Per reference lesion of one case folder: type, size, conspicuity, found, predicted type, cause of a miss."""
+def engine_and_case(model, folder):
+    """In a worker process: its engine of ``model`` (one thread, float32; made once per process) and the case
+    folder's (case, ct, truth)."""
     import torch
 
     from liverlesionai.datasets import find_cases
     from liverlesionai.engine import LiverLesionEngine
+
+    torch.set_num_threads(1)
+    engine = _ENGINE.get(model) or _ENGINE.setdefault(model, LiverLesionEngine(model, device="cpu", threads=1,
+                                                                                 precision="fp32"))
+    case = find_cases(folder)[0]
+    return engine, case, case.load_image(), case.load_truth()
+
+
+def _case(args) -> list[dict]:
+    """Per reference lesion of one case folder: type, size, conspicuity, found, predicted type, cause of a miss."""
     from liverlesionai.evaluation import evaluate_case, lesion_conspicuity, size_bin
     from liverlesionai.lesions import lesion_axes_mm
     from liverlesionai.records import SegmentationResult
 
-    torch.set_num_threads(1)
-    model, folder = args
-    engine = _ENGINE.get(model) or _ENGINE.setdefault(model, LiverLesionEngine(model, device="cpu", threads=1,
-                                                                                 precision="fp32"))
-    case = find_cases(folder)[0]
-    ct, truth = case.load_image(), case.load_truth()
+    engine, case, ct, truth = engine_and_case(*args)
     outputs = engine.run_networks(ct)
     result = outputs if isinstance(outputs, SegmentationResult) else engine.lesions_from(outputs)
     metrics = evaluate_case(result.as_prediction(), truth, ct.ijk_to_ras, case.case_id)

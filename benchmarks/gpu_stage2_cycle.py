@@ -19,8 +19,9 @@ training blocks flat (README, "Stage 2 is not short of steps"); a long cycle fro
 ``--type-weight metastasis=3 hemangioma=3`` multiplies those types' pixel weights: on the CPU (800 steps) it called a
 few more of their sections lesion by calling seven times as much liver lesion.
 ``--bank FOLDER --bank-batches N`` renders N training batches once (in ``--workers`` processes; a rerun renders only
-the missing ones) and draws each step's 16 slabs from them at random, mirrored at random: on 2 CPU cores rendering
-costs 3 times the optimiser step, so a bank makes a long cycle affordable there. 14,000 steps from a bank of 2400
+the missing ones) and draws each step's 16 slabs from them at random, mirrored at random (training.render_bank,
+training.SlabBank: ``liverlesionai train --steps2-bank`` trains the same cycle as stage 2's third): on 2 CPU cores
+rendering costs 3 times the optimiser step, so a bank makes a long cycle affordable there. 14,000 steps from a bank of 2400
 (39 min) lifted stage 2's fit of held-out blocks' metastasis sections from 24% to 66% (README, "Stage 2 can learn
 metastases and hemangiomas"). ``--bank-draw rendered`` replays the bank's batches as rendered instead, unmirrored
 (the control: at step 2000 it fitted the held-out blocks as well, so the long cycle at 1e-3 is what moves stage 2).
@@ -39,13 +40,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from liverlesionai import training as T
@@ -54,73 +52,6 @@ from liverlesionai.networks import STAGE2_FIRST_LESION, CascadeConfig, UNet2p5D,
 from liverlesionai.records import LESION_TYPES
 
 CYCLE_SEED_BASE = T.TRAIN_SEED_BASE + 500_000  # phantoms no training stage, head fit or benchmark has drawn
-BANK_SEED_BASE = T.TRAIN_SEED_BASE + 600_000  # the bank's phantoms: none of the above has drawn them either
-BANK_SLABS_SEED = 54321
-
-
-def _bank_file(folder: Path, index: int) -> Path:
-    return folder / f"batch{index:05d}.npz"
-
-
-def render_bank(folder: Path, batches: int, workers: int, config: CascadeConfig, log=print):
-    """Renders training batches 0..``batches``-1 from BANK_SEED_BASE into ``folder`` (one file each, written whole
-    or not at all: a rerun renders only the missing ones), stored in float16 / uint8 (the HU window's 600 HU in
-    steps under 0.3 HU)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in range(batches) if not _bank_file(folder, i).exists()]
-    make_batch = functools.partial(T.training_batch, "stage2", BANK_SEED_BASE, 2, 16, None, config=config)
-    started = time.time()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=T._render_worker_init) as pool:
-        for done, (index, (x, target, weights)) in enumerate(
-                zip(missing, pool.map(T._rendered_arrays, [make_batch] * len(missing), missing, chunksize=4)), 1):
-            partial = folder / f"batch{index:05d}.partial.npz"
-            np.savez(partial, x=x.astype(np.float16), target=target.astype(np.uint8),
-                     weights=weights.astype(np.float16))
-            os.replace(partial, _bank_file(folder, index))
-            if done % 100 == 0:
-                log(f"bank: {done}/{len(missing)} batches rendered ({time.time() - started:.0f} s)")
-
-
-class SlabBank:
-    """The slabs of a rendered bank, in memory. ``batch(step)`` draws 16 of them at random (a function of the step,
-    so a resumed run draws what an uninterrupted one would), each mirrored at random along its rows and columns: a
-    long cycle passes over each slab several times, each time in other company and, as often as not, another
-    orientation.
-    ``rendered_batch(step)`` gives the bank's batches as rendered instead, in turn (4 adjacent slabs of each of 4
-    blocks, as training_batch makes them): the control for what the random draw adds."""
-
-    def __init__(self, folder: Path, batches: int):
-        parts = [np.load(_bank_file(folder, i)) for i in range(batches)]
-        self.batches = batches
-        self.x = np.concatenate([p["x"] for p in parts])
-        self.target = np.concatenate([p["target"] for p in parts])
-        self.weights = np.concatenate([p["weights"] for p in parts])
-
-    def __len__(self):
-        return len(self.x)
-
-    def _slabs(self, chosen, flips):
-        parts = []
-        for array, dtype in ((self.x, np.float32), (self.target, np.int64), (self.weights, np.float32)):
-            slabs = []
-            for index, (flip_rows, flip_columns) in zip(chosen, flips):
-                slab = array[index]
-                slab = slab[..., ::-1, :] if flip_rows else slab
-                slabs.append(slab[..., ::-1] if flip_columns else slab)
-            parts.append(torch.from_numpy(np.stack(slabs).astype(dtype)))
-        return tuple(parts)
-
-    def batch(self, step: int, size: int = 16):
-        rng = np.random.default_rng([BANK_SLABS_SEED, step])
-        return self._slabs(rng.choice(len(self), size, replace=False), rng.random((size, 2)) < 0.5)
-
-    def rendered_batch(self, step: int):
-        size = len(self) // self.batches
-        start = step % self.batches * size
-        return self._slabs(range(start, start + size), np.zeros((size, 2), bool))
-
-
 def lesion_weighted_batch(make_batch, min_weight: float, step: int):
     """``make_batch(step)`` with every lesion pixel weighing at least ``min_weight`` (the inverse-size weights give
     a large lesion's pixels the liver's weight 1; stage 2 calls most lesions it misses liver)."""
@@ -196,8 +127,8 @@ def main(argv=None):
     if args.bank:
         if args.slab_slices is not None and args.slab_slices != parent_slices:
             raise SystemExit("--bank holds slabs of the default width: it cannot be combined with --slab-slices")
-        render_bank(args.bank, args.bank_batches, args.workers, config)
-        bank = SlabBank(args.bank, args.bank_batches)
+        T.render_bank(args.bank, args.bank_batches, args.workers, config)
+        bank = T.SlabBank(args.bank, args.bank_batches)
         make_batch, workers = bank.batch if args.bank_draw == "random" else bank.rendered_batch, 0
     else:
         make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None, config=config)
@@ -215,9 +146,9 @@ def main(argv=None):
     source = f"phantoms from seed {CYCLE_SEED_BASE}"
     if args.bank:
         source = (f"drawn at random from a bank of {args.bank_batches} rendered batches of phantoms from seed "
-                  f"{BANK_SEED_BASE}, mirrored at random" if args.bank_draw == "random" else
+                  f"{T.STAGE2_BANK_SEED_BASE}, mirrored at random" if args.bank_draw == "random" else
                   f"the batches of a bank of {args.bank_batches} rendered batches of phantoms from seed "
-                  f"{BANK_SEED_BASE}, in turn")
+                  f"{T.STAGE2_BANK_SEED_BASE}, in turn")
     weighted_types = "".join(f", {LESION_TYPES[c - STAGE2_FIRST_LESION]} pixels x{f:g}" for c, f in factors.items())
     new_state = {**state, **{f"stage2.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}}
     history = (f"{Path(args.model).name} ({card['version']}, SHA-256 {card['weights_sha256'][:16]}...) with a further "

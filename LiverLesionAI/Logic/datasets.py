@@ -79,7 +79,13 @@ def write_phantom_case(folder, seed, max_in_plane=None, domain=None):
         write_volume(staging / "label.nii.gz", truth.label_map, ct.ijk_to_ras)
         write_volume(staging / "lesion_instances.nii.gz", truth.lesion_instances, ct.ijk_to_ras)
         (staging / "labels.json").write_text(json.dumps(PHANTOM_LABELS, indent=1))
-        os.rename(staging, folder)
+        try:
+            os.rename(staging, folder)
+        except OSError as error:
+            if folder.exists():  # another process wrote it meanwhile: its case stays as it is
+                raise OutputError(f"{folder} was written meanwhile by another process; LiverLesionAI never "
+                                  f"overwrites a case.") from error
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -154,6 +154,34 @@ def test_acquisition_variety():
     assert min(in_plane) < 0.65 and max(in_plane) > 0.85
 
 
+def test_thick_slices_resampled_onto_a_fine_grid():
+    """render_thick_slices: the labels are the shapes on the fine grid itself; between slices the HU is the linear
+    interpolation of slices 5 mm apart (bends every 4th slice of a 1.25 mm grid, at one phase), smoother along z
+    than a fine render, at the liver's level."""
+    phantom = ph.make_phantom(1000003)
+    center = np.mean(phantom.liver_bbox, axis=0)
+    nk, nj, ni = 40, 64, 64
+    grid = ph.Grid(center + 1.25 * np.array([(ni - 1) / 2, (nj - 1) / 2, -(nk - 1) / 2]), np.full(3, 1.25),
+                   (nk, nj, ni))
+    fine_hu, tissue, instances = ph.render(phantom, grid, np.random.default_rng(1))
+    hu, thick_tissue, thick_instances = ph.render_thick_slices(phantom, grid, 5.0, np.random.default_rng(1), 1.0)
+    assert hu.shape == grid.shape and hu.dtype == np.float32
+    assert np.array_equal(thick_tissue, tissue) and np.array_equal(thick_instances, instances)
+    assert instances.any() and (tissue == ph.LIVER).mean() > 0.2
+
+    def bends(volume):  # slices where some column is not linear in k
+        return np.abs(np.diff(volume.astype(np.float64), n=2, axis=0)).max(axis=(1, 2)) > 0.01
+
+    assert bends(fine_hu).all()
+    thick_bends = bends(hu)
+    assert 0.25 <= thick_bends.mean() <= 0.6
+    assert np.array_equal(thick_bends[4:], thick_bends[:-4])
+    liver = tissue == ph.LIVER
+    along_z = liver[1:] & liver[:-1]
+    assert np.abs(np.diff(hu, axis=0))[along_z].mean() < 0.6 * np.abs(np.diff(fine_hu, axis=0))[along_z].mean()
+    assert abs(hu[liver].mean() - fine_hu[liver].mean()) < 5.0
+
+
 def test_ground_truth_carries_the_tissue_its_masks_come_from():
     """GroundTruth.tissue (for telling where a model's errors lie): the liver mask is exactly liver, liver vessel
     and lesion tissue, and every lesion voxel is lesion tissue."""

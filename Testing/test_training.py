@@ -9,7 +9,7 @@ import torch
 from liverlesionai import training as T
 from liverlesionai.engine import LiverLesionEngine
 from liverlesionai.model_io import load_model, read_model_card
-from liverlesionai.networks import EVIDENCE_KEYS, FILTER_OFF, CascadeConfig
+from liverlesionai.networks import EVIDENCE_KEYS, FILTER_OFF, STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig
 from liverlesionai.phantom import generate_phantom_ct
 
 
@@ -106,6 +106,21 @@ def test_a_training_batch_is_a_function_of_its_step_and_workers_render_the_same_
         T.train_stage("stage1", run, 3, device="cpu", batch=4, log=lambda m: None, workers=workers)
     weights = [torch.load(tmp_path / f"run{w}" / "stage1.ckpt", weights_only=True)["model"] for w in (0, 2)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_stage2_batches_of_thick_slices_are_functions_of_their_step_and_bad_fractions_are_named():
+    """thick_fraction renders stage 2's blocks as resampled thick-slice CTs (phantom.render_thick_slices): still a
+    function of the step, with the same slab layout; a share outside 0..1, or one asked of stage 1, is refused."""
+    thick = T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 5, thick_fraction=1.0)
+    again = T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 5, thick_fraction=1.0)
+    fine = T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 5)
+    assert all(torch.equal(a, b) for a, b in zip(thick, again))
+    assert [t.shape for t in thick] == [t.shape for t in fine] and not torch.equal(thick[0], fine[0])
+    assert (thick[1] >= STAGE2_FIRST_LESION).any() or (thick[1] == STAGE2_LIVER).any()
+    with pytest.raises(ValueError, match="a share of the blocks"):
+        T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 5, thick_fraction=1.5)
+    with pytest.raises(ValueError, match="stage 2's"):
+        T.training_batch("stage1", T.STAGE_SEED_BASES["stage1"], 4, 4, None, 5, thick_fraction=0.5)
 
 
 def test_a_cycle_keeps_the_weights_of_every_nth_step_for_a_learning_curve(tmp_path):
@@ -321,6 +336,8 @@ def test_a_bank_cycle_continues_stage2s_last_cycle_from_slabs_rendered_once(tmp_
     # a folder holding another bank is refused, not mixed into this one
     with pytest.raises(ValueError, match="holds another bank"):
         T.render_bank(bank_dir, 3, 0, CascadeConfig(), seed_base=T.STAGE2_BANK_SEED_BASE + 1, batch=4, log=quiet)
+    with pytest.raises(ValueError, match="holds another bank"):  # one of thick slices too
+        T.render_bank(bank_dir, 3, 0, CascadeConfig(), batch=4, log=quiet, thick_fraction=0.5)
     (tmp_path / "stray").mkdir()
     np.savez(tmp_path / "stray" / "batch00000.npz", x=np.zeros(1))
     with pytest.raises(ValueError, match="without a bank.json"):

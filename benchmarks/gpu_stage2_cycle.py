@@ -25,6 +25,8 @@ rendering costs 3 times the optimiser step, so a bank makes a long cycle afforda
 (39 min) lifted stage 2's fit of held-out blocks' metastasis sections from 24% to 66% (README, "Stage 2 can learn
 metastases and hemangiomas"). ``--bank-draw rendered`` replays the bank's batches as rendered instead, unmirrored
 (the control: at step 2000 it fitted the held-out blocks as well, so the long cycle at 1e-3 is what moves stage 2).
+``--thick-slices 0.5`` renders half the blocks (of the bank, or of each step) as CTs of 2-5 mm slices resampled onto
+stage 2's grid (phantom.render_thick_slices), as the engine resamples such CTs (README, "Blocks of thick slices").
 
     python benchmarks/gpu_stage2_cycle.py LiverLesionAI/Resources/Models/liverlesionai-v5.12 /tmp/bankcycle/model \\
         --steps 14000 --peak-lr 1e-3 --keep-every 2000 --workers 2 --device cpu --bank /tmp/bank --bank-batches 2400
@@ -108,6 +110,9 @@ def main(argv=None):
     parser.add_argument("--bank-draw", choices=("random", "rendered"), default="random",
                         help="random: each step's 16 slabs drawn from the whole bank, mirrored at random; rendered: "
                              "the bank's batches as rendered, in turn (the control)")
+    parser.add_argument("--thick-slices", type=float, default=0.0, metavar="FRACTION",
+                        help="render this fraction of the blocks as CTs of thick slices (2-5 mm) resampled onto "
+                             "stage 2's grid (training.stage2_batch's thick_fraction; default 0, as the shipped cycles)")
     parser.add_argument("--slab-slices", type=int, default=None,
                         help="widen stage 2's slab to this many slices (odd; the parent's weights on its centre "
                              "slices, the added ones starting at 0: networks.with_wider_slab); default: the parent's")
@@ -127,11 +132,12 @@ def main(argv=None):
     if args.bank:
         if args.slab_slices is not None and args.slab_slices != parent_slices:
             raise SystemExit("--bank holds slabs of the default width: it cannot be combined with --slab-slices")
-        T.render_bank(args.bank, args.bank_batches, args.workers, config)
+        T.render_bank(args.bank, args.bank_batches, args.workers, config, thick_fraction=args.thick_slices)
         bank = T.SlabBank(args.bank, args.bank_batches)
         make_batch, workers = bank.batch if args.bank_draw == "random" else bank.rendered_batch, 0
     else:
-        make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None, config=config)
+        make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None, config=config,
+                                       thick_fraction=args.thick_slices)
     if args.lesion_min_weight != 1.0:
         make_batch = functools.partial(lesion_weighted_batch, make_batch, args.lesion_min_weight)
     factors = type_factors(args.type_weight)
@@ -149,6 +155,8 @@ def main(argv=None):
                   f"{T.STAGE2_BANK_SEED_BASE}, mirrored at random" if args.bank_draw == "random" else
                   f"the batches of a bank of {args.bank_batches} rendered batches of phantoms from seed "
                   f"{T.STAGE2_BANK_SEED_BASE}, in turn")
+    if args.thick_slices:
+        source += f", {args.thick_slices:g} of the blocks rendered as CTs of thick slices resampled onto stage 2's grid"
     weighted_types = "".join(f", {LESION_TYPES[c - STAGE2_FIRST_LESION]} pixels x{f:g}" for c, f in factors.items())
     new_state = {**state, **{f"stage2.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}}
     history = (f"{Path(args.model).name} ({card['version']}, SHA-256 {card['weights_sha256'][:16]}...) with a further "

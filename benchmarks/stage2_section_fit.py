@@ -11,6 +11,7 @@ median mean probability, the share of sections whose mean reaches the shipped fi
 at least half covered; and the share of liver pixels at 0.15 (the false side). Sources:
 - blocks: ``--blocks`` training batches of 16 slabs (all three slab views, as trained) from phantoms no stage
   drew (seeds from BLOCK_SEED_BASE), through the model's stage 2 and through each ``--checkpoint``;
+  ``--block-thick-slices 1`` renders them all as CTs of thick slices resampled onto stage 2's grid;
 - cases (``--cases``): every axial slice of each case's reference lesions on stage 2's grid, the engine's pass with
   stage 1's liver prior, and again with the reference liver as prior (the engine's ``liver_prior``).
 
@@ -163,6 +164,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a model folder (its stage 2 and stage 1)")
     parser.add_argument("--blocks", type=int, default=100, help="training batches of 16 slabs to judge on")
+    parser.add_argument("--block-thick-slices", type=float, default=0.0, metavar="FRACTION",
+                        help="render this fraction of the blocks as CTs of 2-5 mm slices resampled onto stage 2's grid "
+                             "(training.stage2_batch's thick_fraction; default 0: as stage 2's first cycles drew them)")
     parser.add_argument("--checkpoint", nargs="*", default=[],
                         help="stage-2 training checkpoints (train_network's .ckpt) judged on the same blocks")
     parser.add_argument("--cases", type=Path, help="a folder of phantom cases")
@@ -179,11 +183,12 @@ def main(argv=None):
     started = time.time()
     engine = LiverLesionEngine(args.model, device="cpu", precision="fp32")
     config = engine.config
-    batches = [T.training_batch("stage2", BLOCK_SEED_BASE, 2, 16, None, step, config=config)
-               for step in range(args.blocks)]
+    batches = [T.training_batch("stage2", BLOCK_SEED_BASE, 2, 16, None, step, config=config,
+                                thick_fraction=args.block_thick_slices) for step in range(args.blocks)]
     spacing_mm = float(config.stage2_spacing[0])
     fit = functools.partial(block_fit, batches=batches, spacing_mm=spacing_mm, hu_window=config.hu_window)
     report = {"model": args.model, "block_seed_base": BLOCK_SEED_BASE, "blocks": args.blocks,
+              "block_thick_fraction": args.block_thick_slices,
               "block_fit": {"model": fit(engine.stage2)}}
     print("blocks, model:", headline(report["block_fit"]["model"]), flush=True)
     for checkpoint in args.checkpoint:

@@ -417,7 +417,8 @@ def cmd_train(args):
                 device=args.device, threads=args.threads, test_seeds=_seed_range(args.test_seeds),
                 real_case=args.real_case, version=args.version, test_max_in_plane=args.test_max_in_plane,
                 engine_head_phantoms=args.engine_head_phantoms, workers=args.workers,
-                steps2_bank=args.steps2_bank, bank_batches=args.bank_batches)
+                steps2_bank=args.steps2_bank, bank_batches=args.bank_batches,
+                bank_thick_fraction=args.bank_thick_slices)
     return 0
 
 
@@ -493,6 +494,9 @@ def build_parser():
     t.add_argument("--bank-batches", type=int, default=2400,
                    help="batches of 16 slabs in that bank, rendered once into RUN_DIR/stage2_bank_slabs "
                         "(1.6 MB each on disk and in memory)")
+    t.add_argument("--bank-thick-slices", type=float, default=0.0, metavar="FRACTION",
+                   help="render this fraction of the bank's blocks as CTs of 2-5 mm slices resampled onto stage 2's "
+                        "grid, as the engine resamples such CTs (default 0: all rendered straight onto it)")
     t.add_argument("--classifier-lesions", type=int, default=3000)
     t.add_argument("--engine-head-phantoms", type=int, default=230,
                    help="fit the classifier head again on the engine's own lesions of this many fresh training "

@@ -158,7 +158,14 @@ def stage2_targets(tissue, instances, lesion_types):
     return target
 
 
-def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4):
+# Slice thicknesses of the phantom CTs (phantom.acquisition_grid) over 1.5 mm: an engine resamples such CTs onto
+# stage 2's 1.25 mm grid, which blocks rendered straight onto it never show.
+THICK_SLICES_MM = (2.0, 2.5, 3.0, 5.0)
+
+
+def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4, thick_fraction=0.0):
+    """``thick_fraction`` of the blocks are rendered as CTs of thick slices resampled onto stage 2's grid
+    (phantom.render_thick_slices, a thickness of THICK_SLICES_MM and a slice profile drawn per block)."""
     spacing = np.asarray(cfg.stage2_spacing)
     half = (cfg.stage2.in_channels - 1) // 2  # last channel is the liver prior
     pad = 5
@@ -175,7 +182,11 @@ def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4
         depth = 2 * half + per_block + 2 * pad
         shape = {"axial": (depth, size, size), "coronal": (size, depth, size), "sagittal": (size, size, depth)}[view]
         grid = block_grid(center, spacing, shape)
-        hu, tissue, instances = ph.render(phantom, grid, rng)
+        if thick_fraction and rng.random() < thick_fraction:  # 0: the draws of the shipped models' batches
+            hu, tissue, instances = ph.render_thick_slices(phantom, grid, float(rng.choice(THICK_SLICES_MM)), rng,
+                                                           profile=rng.uniform(0.0, 1.0))
+        else:
+            hu, tissue, instances = ph.render(phantom, grid, rng)
         liver = np.isin(tissue, LIVER_TISSUES)
         prior = _liver_prior(liver, rng, spacing[0], tissue)
         x = to_view(normalize_hu(_intensity_augment(hu, rng), cfg.hu_window), view)
@@ -196,17 +207,23 @@ BATCH_SEED = 12345
 
 
 def training_batch(part: str, seed_base: int, reuse: int, batch: int, domain, step: int,
-                   config: CascadeConfig | None = None):
+                   config: CascadeConfig | None = None, thick_fraction: float = 0.0):
     """Stage ``part``'s ("stage1" or "stage2") training batch of optimiser step ``step``, a function of its
     arguments alone, so batches can be rendered ahead in worker processes and a resumed run draws what an
     uninterrupted one would. The step renders ceil(batch / BLOCK_SLABS) blocks from the phantoms a sequential
     stream from ``seed_base`` would give it (each phantom serving ``reuse`` blocks). ``config`` sets the slab
-    (its stage's in_channels; default CascadeConfig())."""
+    (its stage's in_channels; default CascadeConfig()); ``thick_fraction`` is stage2_batch's."""
     blocks = -(-batch // BLOCK_SLABS)
     source = PhantomSource(seed_base + step * -(-blocks // reuse), reuse=reuse, domain=domain)
-    make_batch = stage1_batch if part == "stage1" else stage2_batch
-    return make_batch(source, config or CascadeConfig(), np.random.default_rng([BATCH_SEED, step]), batch,
-                      per_block=BLOCK_SLABS)
+    if not 0.0 <= thick_fraction <= 1.0:
+        raise ValueError(f"thick_fraction {thick_fraction}: a share of the blocks, from 0 to 1")
+    rng = np.random.default_rng([BATCH_SEED, step])
+    if part == "stage1":
+        if thick_fraction:
+            raise ValueError("thick_fraction is stage 2's: stage 1 works at 3 mm")
+        return stage1_batch(source, config or CascadeConfig(), rng, batch, per_block=BLOCK_SLABS)
+    return stage2_batch(source, config or CascadeConfig(), rng, batch, per_block=BLOCK_SLABS,
+                        thick_fraction=thick_fraction)
 
 
 def _render_worker_init():
@@ -272,14 +289,18 @@ def _bank_file(folder: Path, index: int) -> Path:
 
 
 def render_bank(folder, batches: int, workers: int, config: CascadeConfig, seed_base=STAGE2_BANK_SEED_BASE,
-                batch=16, domain=None, log=print):
+                batch=16, domain=None, log=print, thick_fraction=0.0):
     """Renders stage 2's training batches 0..``batches``-1 of the phantoms from ``seed_base`` into ``folder``, in
     ``workers`` processes (0: this one). Each batch is written whole or not at all, so a rerun renders only the
     missing ones; stored in float16 / uint8 (the HU window's 600 HU in steps under 0.3 HU). ``folder``'s
-    bank.json names what it holds: a folder holding another bank is refused, not mixed into this one."""
+    bank.json names what it holds: a folder holding another bank is refused, not mixed into this one.
+    ``thick_fraction``: training_batch's."""
     folder = Path(folder)
-    manifest = json.dumps({"seed_base": seed_base, "batch": batch, "reuse": 2, "domain": domain,
-                           "stage2_in_channels": config.stage2.in_channels}, sort_keys=True, default=str)
+    recipe = {"seed_base": seed_base, "batch": batch, "reuse": 2, "domain": domain,
+              "stage2_in_channels": config.stage2.in_channels}
+    if thick_fraction:  # named only when used, so that banks rendered before it stay valid
+        recipe["thick_fraction"] = thick_fraction
+    manifest = json.dumps(recipe, sort_keys=True, default=str)
     folder.mkdir(parents=True, exist_ok=True)
     manifest_file = folder / "bank.json"
     if manifest_file.exists() and manifest_file.read_text() != manifest:
@@ -291,7 +312,8 @@ def render_bank(folder, batches: int, workers: int, config: CascadeConfig, seed_
     for stale in folder.glob("*.partial.npz"):  # a render killed while writing
         stale.unlink()
     missing = [i for i in range(batches) if not _bank_file(folder, i).exists()]
-    make_batch = functools.partial(training_batch, "stage2", seed_base, 2, batch, domain, config=config)
+    make_batch = functools.partial(training_batch, "stage2", seed_base, 2, batch, domain, config=config,
+                                   thick_fraction=thick_fraction)
     pool = None
     if workers > 0 and missing:
         import multiprocessing
@@ -736,7 +758,8 @@ def final_checkpoint(run_dir, part: str, before: str | None = None) -> Path:
 
 
 def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, log=print, batch=16,
-                seed_offset=0, classifier_lesions=3000, domain=None, workers=0, bank_batches=2400):
+                seed_offset=0, classifier_lesions=3000, domain=None, workers=0, bank_batches=2400,
+                bank_thick_fraction=0.0):
     """Train one stage into ``run_dir`` (resumable): "stage1", "stage2", "stage1_restart",
     "stage2_restart", "stage2_bank" or "classifier".
 
@@ -748,7 +771,8 @@ def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, lo
     each step's slabs at random from a bank of ``bank_batches`` batches rendered once (in ``workers``
     processes) into the run's stage2_bank_slabs folder (3.7 GB for 2400). 14,000 steps lifted v5.12's fit of
     held-out metastasis sections 24% -> 66% and hemangioma sections 4% -> 53% (README, "Stage 2 can learn
-    metastases and hemangiomas"); its lesion rule is then chosen again (build_model)."""
+    metastases and hemangiomas"); its lesion rule is then chosen again (build_model). ``bank_thick_fraction`` of
+    the bank's blocks are rendered as CTs of thick slices resampled onto stage 2's grid (stage2_batch)."""
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)
@@ -771,7 +795,7 @@ def train_stage(stage: str, run_dir, steps: int, device="auto", threads=None, lo
         net = UNet2p5D(cfg.stage2)
         net.load_state_dict(torch.load(parent, map_location="cpu", weights_only=True)["model"])
         render_bank(run_dir / "stage2_bank_slabs", bank_batches, workers, cfg, STAGE2_BANK_SEED_BASE + seed_offset,
-                    batch, domain, log)
+                    batch, domain, log, thick_fraction=bank_thick_fraction)
         bank = SlabBank(run_dir / "stage2_bank_slabs", bank_batches)
         train_network(net, functools.partial(bank.batch, size=batch), steps, run_dir, stage, device, lr=RESTART_LR,
                       log=log)
@@ -862,7 +886,8 @@ def shipped_lesion_rule(tuning: dict) -> dict:
 def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions=3000, device="auto", threads=None,
                 test_seeds=range(20), real_case=None, version="1.0.0", log=print, test_max_in_plane=None,
                 validation_cases=48, steps1_restart=0, steps2_restart=0, engine_head_phantoms=0,
-                engine_head_recipe=ENGINE_HEAD_RECIPE, workers=0, steps2_bank=0, bank_batches=2400):
+                engine_head_recipe=ENGINE_HEAD_RECIPE, workers=0, steps2_bank=0, bank_batches=2400,
+                bank_thick_fraction=0.0):
     """Rebuild a shipped-style model from scratch: train all stages (resumable; the networks' batches rendered
     in ``workers`` processes when > 0), assemble, choose the lesion rule on validation phantoms, fit the
     classifier head on the engine's own lesions of ``engine_head_phantoms`` training phantoms (0: keep the head
@@ -886,7 +911,7 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
         train_stage("stage2_restart", run_dir, steps2_restart, device, threads, log, workers=workers)
     if steps2_bank:
         train_stage("stage2_bank", run_dir, steps2_bank, device, threads, log, workers=workers,
-                    bank_batches=bank_batches)
+                    bank_batches=bank_batches, bank_thick_fraction=bank_thick_fraction)
     if not classifier_is_current(run_dir):
         train_stage("classifier", run_dir, 0, device, threads, log, classifier_lesions=classifier_lesions)
     def phantom_set(folder, base, seeds):
@@ -938,6 +963,7 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
                            "steps": {"stage1": steps1, "stage1_restart": steps1_restart, "stage2": steps2,
                                      "stage2_restart": steps2_restart, "stage2_bank": steps2_bank},
                            "bank_batches": bank_batches if steps2_bank else 0,
+                           "bank_thick_fraction": bank_thick_fraction if steps2_bank else 0.0,
                            "restart_lr": RESTART_LR, "classifier_lesions": classifier_lesions,
                            "engine_head_phantoms": engine_head_phantoms, "engine_head_recipe": engine_head_recipe}
         return assemble_model(run_dir, model_out, config_overrides=overrides, classifier_ckpt=head_ckpt,

@@ -338,6 +338,12 @@ def test_a_bank_cycle_continues_stage2s_last_cycle_from_slabs_rendered_once(tmp_
         T.render_bank(bank_dir, 3, 0, CascadeConfig(), seed_base=T.STAGE2_BANK_SEED_BASE + 1, batch=4, log=quiet)
     with pytest.raises(ValueError, match="holds another bank"):  # one of thick slices too
         T.render_bank(bank_dir, 3, 0, CascadeConfig(), batch=4, log=quiet, thick_fraction=0.5)
+    # a share that is no share is named before anything is written, and before any stage is trained
+    with pytest.raises(ValueError, match="a share of the blocks"):
+        T.render_bank(tmp_path / "bad_bank", 1, 1, CascadeConfig(), batch=4, log=quiet, thick_fraction=1.5)
+    with pytest.raises(ValueError, match="a share of the blocks"):
+        T.build_model(tmp_path / "bad_run", tmp_path / "bad_model", steps2_bank=1, bank_thick_fraction=-0.5, log=quiet)
+    assert not (tmp_path / "bad_bank").exists() and not (tmp_path / "bad_run").exists()
     (tmp_path / "stray").mkdir()
     np.savez(tmp_path / "stray" / "batch00000.npz", x=np.zeros(1))
     with pytest.raises(ValueError, match="without a bank.json"):

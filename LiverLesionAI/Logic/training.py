@@ -163,6 +163,11 @@ def stage2_targets(tissue, instances, lesion_types):
 THICK_SLICES_MM = (2.0, 2.5, 3.0, 5.0)
 
 
+def check_thick_fraction(thick_fraction: float):
+    if not 0.0 <= thick_fraction <= 1.0:
+        raise ValueError(f"thick_fraction {thick_fraction}: a share of the blocks, from 0 to 1")
+
+
 def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4, thick_fraction=0.0):
     """``thick_fraction`` of the blocks are rendered as CTs of thick slices resampled onto stage 2's grid
     (phantom.render_thick_slices, a thickness of THICK_SLICES_MM and a slice profile drawn per block)."""
@@ -215,8 +220,7 @@ def training_batch(part: str, seed_base: int, reuse: int, batch: int, domain, st
     (its stage's in_channels; default CascadeConfig()); ``thick_fraction`` is stage2_batch's."""
     blocks = -(-batch // BLOCK_SLABS)
     source = PhantomSource(seed_base + step * -(-blocks // reuse), reuse=reuse, domain=domain)
-    if not 0.0 <= thick_fraction <= 1.0:
-        raise ValueError(f"thick_fraction {thick_fraction}: a share of the blocks, from 0 to 1")
+    check_thick_fraction(thick_fraction)
     rng = np.random.default_rng([BATCH_SEED, step])
     if part == "stage1":
         if thick_fraction:
@@ -295,6 +299,7 @@ def render_bank(folder, batches: int, workers: int, config: CascadeConfig, seed_
     missing ones; stored in float16 / uint8 (the HU window's 600 HU in steps under 0.3 HU). ``folder``'s
     bank.json names what it holds: a folder holding another bank is refused, not mixed into this one.
     ``thick_fraction``: training_batch's."""
+    check_thick_fraction(thick_fraction)  # before bank.json is written, not in the render workers
     folder = Path(folder)
     recipe = {"seed_base": seed_base, "batch": batch, "reuse": 2, "domain": domain,
               "stage2_in_channels": config.stage2.in_channels}
@@ -903,6 +908,7 @@ def build_model(run_dir, model_out, steps1=2000, steps2=1500, classifier_lesions
     run_dir, model_out = Path(run_dir), Path(model_out)
     if model_out.exists():
         raise FileExistsError(f"{model_out} exists; LiverLesionAI never overwrites a model.")
+    check_thick_fraction(bank_thick_fraction)  # now, not after hours of stages 1 and 2
     train_stage("stage1", run_dir, steps1, device, threads, log, workers=workers)
     if steps1_restart:
         train_stage("stage1_restart", run_dir, steps1_restart, device, threads, log, workers=workers)

@@ -20,12 +20,17 @@ liver's surface).
 
     python benchmarks/false_tissue.py /tmp/bankcycle/model --every 3 --smooth-mm 1 \
         --out benchmarks/results/false_tissue_bank_cycle.json
+    # a cycle from the bank cycle with the liver's pixels weighing 3 times, judged on the case alone
+    python benchmarks/gpu_stage2_cycle.py /tmp/bankcycle/model /tmp/ft_liver3 --steps 2000 --peak-lr 3e-4 \
+        --device cpu --workers 0 --bank /tmp/bank --type-weight liver=3
+    python benchmarks/false_tissue.py /tmp/ft_liver3 --case-only --out benchmarks/results/false_tissue_liver3.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -102,8 +107,9 @@ def on_grid2(ct, g2, hu_window):
     return normalize_hu(resample_separable(canon.array, canon.grid, g2, 1, cval=-1024), hu_window)
 
 
-def case_variants(engine, seed, reference_prior, smooth_mm=()):
-    """Each variant's ``judge`` of one pool phantom, on the grid and prior of the engine's pass over its case."""
+def case_variants(engine, seed, reference_prior, smooth_mm=(), case_only=False):
+    """Each variant's ``judge`` of one pool phantom, on the grid and prior of the engine's pass over its case
+    (``case_only``: the case itself and its smoothings, not the other renderings)."""
     from liverlesionai import phantom as ph
     from liverlesionai.preprocessing import normalize_hu
 
@@ -111,22 +117,26 @@ def case_variants(engine, seed, reference_prior, smooth_mm=()):
     phantom, ct, liver = scanner_ct(seed)
     outputs = engine.run_networks(ct, liver_prior=liver.astype(np.uint8) if reference_prior else None)
     g2, prior2 = outputs.grid2, outputs.prior2
-    rendered = {}
-    for noise in (True, False):
+
+    def on_stage2_grid(noise):
         quiet = phantom if noise else dataclasses.replace(phantom, noise_hu=0.0)
-        rendered[noise] = ph.render(quiet, g2, np.random.default_rng(seed + 7))
-    _, tissue, instances = rendered[True]
+        return ph.render(quiet, g2, np.random.default_rng(seed + 7))
+
+    rendered = on_stage2_grid(True)
+    _, tissue, instances = rendered
     spacing_mm = np.asarray(g2.spacing, float)[::-1]
-    inputs = {"scanner": outputs.hu2,
-              "scanner, noise-free": on_grid2(scanner_ct(seed, noise=False)[1], g2, cfg.hu_window),
-              "stage-2 grid": normalize_hu(rendered[True][0], cfg.hu_window),
-              "stage-2 grid, noise-free": normalize_hu(rendered[False][0], cfg.hu_window)}
+    inputs = {"scanner": lambda: outputs.hu2}
+    if not case_only:
+        inputs.update({"scanner, noise-free": lambda: on_grid2(scanner_ct(seed, noise=False)[1], g2, cfg.hu_window),
+                       "stage-2 grid": lambda: normalize_hu(rendered[0], cfg.hu_window),
+                       "stage-2 grid, noise-free": lambda: normalize_hu(on_stage2_grid(False)[0], cfg.hu_window)})
     for sigma_mm in smooth_mm:
-        inputs[f"scanner, smoothed {sigma_mm:g} mm"] = ndimage.gaussian_filter(outputs.hu2, sigma_mm / spacing_mm)
+        inputs[f"scanner, smoothed {sigma_mm:g} mm"] = functools.partial(ndimage.gaussian_filter, outputs.hu2,
+                                                                         sigma_mm / spacing_mm)
     report = {}
     for name, x2 in inputs.items():
         with torch.inference_mode():
-            probs = engine._predict_views(engine.stage2, np.ascontiguousarray(x2, np.float32), prior2,
+            probs = engine._predict_views(engine.stage2, np.ascontiguousarray(x2(), np.float32), prior2,
                                           cfg.stage2_views)
         report[name] = judge(probs[2:].astype(np.float32).sum(0), tissue, instances, spacing_mm)
     report["noise_hu"] = round(float(phantom.noise_hu), 1)
@@ -168,6 +178,8 @@ def main(argv=None):
     parser.add_argument("--reference-prior", action="store_true", help="the reference liver as stage 2's prior")
     parser.add_argument("--smooth-mm", type=float, nargs="*", default=[],
                         help="also run stage 2 on the engine's input smoothed by a Gaussian of each sigma (mm)")
+    parser.add_argument("--case-only", action="store_true",
+                        help="judge only the case as the engine sees it (and --smooth-mm), not the other renderings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -178,7 +190,7 @@ def main(argv=None):
     engine = LiverLesionEngine(args.model, device="cpu", precision="fp32")
     per_case = {}
     for seed in POOL_SEEDS[::args.every]:
-        per_case[seed] = case_variants(engine, seed, args.reference_prior, args.smooth_mm)
+        per_case[seed] = case_variants(engine, seed, args.reference_prior, args.smooth_mm, args.case_only)
         print(seed, {name: _rate([v["liver"]]) for name, v in per_case[seed].items() if isinstance(v, dict)},
               flush=True)
     report = {"model": args.model, "reference_prior": args.reference_prior, "smooth_mm": args.smooth_mm,

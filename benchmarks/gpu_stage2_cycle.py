@@ -17,7 +17,8 @@ found what the control found (README, "More z-context"); on a GPU, likewise besi
 learning curve (stage2_section_fit.py --checkpoint). On the CPU, 2400 steps at 2e-4 left stage 2's fit of its own
 training blocks flat (README, "Stage 2 is not short of steps"); a long cycle from a bank (below) lifted it.
 ``--type-weight metastasis=3 hemangioma=3`` multiplies those types' pixel weights: on the CPU (800 steps) it called a
-few more of their sections lesion by calling seven times as much liver lesion.
+few more of their sections lesion by calling seven times as much liver lesion. ``--type-weight liver=3`` weighs the
+liver's pixels (the false side) instead, against the bank cycle's confident false lesion tissue (false_tissue.py).
 ``--bank FOLDER --bank-batches N`` renders N training batches once (in ``--workers`` processes; a rerun renders only
 the missing ones) and draws each step's 16 slabs from them at random, mirrored at random (training.render_bank,
 training.SlabBank: ``liverlesionai train --steps2-bank`` trains the same cycle as stage 2's third): on 2 CPU cores
@@ -50,7 +51,7 @@ import torch
 
 from liverlesionai import training as T
 from liverlesionai.model_io import load_model, save_model
-from liverlesionai.networks import STAGE2_FIRST_LESION, CascadeConfig, UNet2p5D, with_wider_slab
+from liverlesionai.networks import STAGE2_FIRST_LESION, STAGE2_LIVER, CascadeConfig, UNet2p5D, with_wider_slab
 from liverlesionai.records import LESION_TYPES
 
 CYCLE_SEED_BASE = T.TRAIN_SEED_BASE + 500_000  # phantoms no training stage, head fit or benchmark has drawn
@@ -62,8 +63,9 @@ def lesion_weighted_batch(make_batch, min_weight: float, step: int):
 
 
 def type_weighted_batch(make_batch, factors: dict, step: int):
-    """``make_batch(step)`` with the pixels of some lesion types weighing more: ``factors`` {stage-2 class: factor}
-    (stage 2 fits hemangioma and metastasis sections of its own training blocks far worse than cysts)."""
+    """``make_batch(step)`` with the pixels of some lesion types (or of the liver) weighing more: ``factors``
+    {stage-2 class: factor} (stage 2 fits hemangioma and metastasis sections of its own training blocks far worse than
+    cysts; the bank cycle is as sure of its false lesion tissue as of its lesions)."""
     x, target, weights = make_batch(step)
     for lesion_class, factor in factors.items():
         weights = torch.where(target == lesion_class, weights * factor, weights)
@@ -71,7 +73,8 @@ def type_weighted_batch(make_batch, factors: dict, step: int):
 
 
 def type_factors(items) -> dict:
-    """{stage-2 class: factor} from "TYPE=FACTOR" items (TYPE a lesion type)."""
+    """{stage-2 class: factor} from "TYPE=FACTOR" items (TYPE a lesion type, or liver)."""
+    classes = {"liver": STAGE2_LIVER, **{name: STAGE2_FIRST_LESION + i for i, name in enumerate(LESION_TYPES)}}
     factors = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -79,10 +82,10 @@ def type_factors(items) -> dict:
             factor = float(value)
         except ValueError:
             factor = None
-        if name not in LESION_TYPES or factor is None or factor <= 0:
-            raise SystemExit(f"--type-weight {item!r}: expected TYPE=FACTOR with TYPE one of {', '.join(LESION_TYPES)} "
+        if name not in classes or factor is None or factor <= 0:
+            raise SystemExit(f"--type-weight {item!r}: expected TYPE=FACTOR with TYPE one of {', '.join(classes)} "
                              f"and FACTOR a positive number")
-        factors[STAGE2_FIRST_LESION + LESION_TYPES.index(name)] = factor
+        factors[classes[name]] = factor
     return factors
 
 
@@ -102,7 +105,8 @@ def main(argv=None):
     parser.add_argument("--lesion-min-weight", type=float, default=1.0,
                         help="least loss weight of a lesion pixel (a liver pixel weighs 1; the shipped cycles: 1)")
     parser.add_argument("--type-weight", nargs="*", default=[], metavar="TYPE=FACTOR",
-                        help="multiply the loss weight of that lesion type's pixels (e.g. metastasis=3)")
+                        help="multiply the loss weight of that lesion type's pixels (e.g. metastasis=3), or the "
+                             "liver's (liver=3)")
     parser.add_argument("--bank", type=Path, default=None,
                         help="draw the cycle's slabs from a bank of --bank-batches rendered batches in this folder "
                              "(rendered first where missing, in --workers processes) instead of rendering each step's")
@@ -157,7 +161,8 @@ def main(argv=None):
                   f"{T.STAGE2_BANK_SEED_BASE}, in turn")
     if args.thick_slices:
         source += f", {args.thick_slices:g} of the blocks rendered as CTs of thick slices resampled onto stage 2's grid"
-    weighted_types = "".join(f", {LESION_TYPES[c - STAGE2_FIRST_LESION]} pixels x{f:g}" for c, f in factors.items())
+    class_names = {STAGE2_LIVER: "liver", **{STAGE2_FIRST_LESION + i: name for i, name in enumerate(LESION_TYPES)}}
+    weighted_types = "".join(f", {class_names[c]} pixels x{f:g}" for c, f in factors.items())
     new_state = {**state, **{f"stage2.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}}
     history = (f"{Path(args.model).name} ({card['version']}, SHA-256 {card['weights_sha256'][:16]}...) with a further "
                f"stage-2 cycle of {step} of {args.steps} scheduled steps (peak lr {args.peak_lr:g}, 16 slabs, phantoms "

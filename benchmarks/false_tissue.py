@@ -29,7 +29,6 @@ liver's surface).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import time
@@ -37,41 +36,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lesion_rule_candidate import MAX_IN_PLANE, POOL_SEEDS
 from scipy import ndimage
+from stage2_section_fit import CONFIDENT, THRESHOLD
 
-POOL_SEEDS = range(500_000, 500_048)  # lesion_rule_candidate.POOL_SEEDS
-MAX_IN_PLANE = 384  # as the pool was written
-THRESHOLD = 0.15  # the shipped lesion threshold
 MIN_PIECE_VOXELS = 33  # ~65 mm^3 on stage 2's 1.25 mm grid: a ball of 5 mm
-CONFIDENT = 0.4  # the shipped candidate filter's least mean lesion probability
+NOISE_FREE = {"noise_hu": (0.0, 0.0)}  # a phantom domain: every other draw of the seed stays as it was
 NEAR_LESION_MM = ((0, 2.5), (2.5, 5), (5, 10), (10, np.inf))
 DEPTH_MM = ((0, 3), (3, 10), (10, np.inf))
-
-
-def scanner_ct(seed, noise=True):
-    """The pool case of ``seed`` (phantom.generate_phantom_ct at MAX_IN_PLANE), optionally without scanner noise."""
-    from liverlesionai import phantom as ph
-    from liverlesionai.records import CTVolume
-
-    phantom = ph.make_phantom(seed)
-    if not noise:
-        phantom = dataclasses.replace(phantom, noise_hu=0.0)
-    rng = np.random.default_rng(seed + 7)
-    grid = ph.acquisition_grid(phantom, rng)
-    if grid.shape[2] > MAX_IN_PLANE:
-        factor = grid.shape[2] / MAX_IN_PLANE
-        grid = ph.Grid(grid.origin, grid.spacing * np.array([factor, factor, 1.0]),
-                       (grid.shape[0], MAX_IN_PLANE, MAX_IN_PLANE))
-    hu, tissue, _ = ph.render(phantom, grid, rng)
-    liver = np.isin(tissue, (ph.LIVER, ph.LIVER_VESSEL, ph.LESION))
-    return phantom, CTVolume(np.clip(np.round(hu), -1024, 3071).astype(np.int16), grid.ijk_to_ras), liver
 
 
 def judge(lesion_probability, tissue, instances, spacing_mm):
     """[hits, pixels] tallies of one variant's summed lesion probability against labels on its own grid."""
     from liverlesionai import phantom as ph
+    from liverlesionai.training import LIVER_TISSUES
 
-    liver = np.isin(tissue, (ph.LIVER, ph.LIVER_VESSEL, ph.LESION))
+    liver = np.isin(tissue, LIVER_TISSUES)
     lesion = instances > 0
     parenchyma = liver & ~lesion
     hit = lesion_probability >= THRESHOLD
@@ -114,22 +94,22 @@ def case_variants(engine, seed, reference_prior, smooth_mm=(), case_only=False):
     from liverlesionai.preprocessing import normalize_hu
 
     cfg = engine.config
-    phantom, ct, liver = scanner_ct(seed)
-    outputs = engine.run_networks(ct, liver_prior=liver.astype(np.uint8) if reference_prior else None)
+    ct, truth = ph.generate_phantom_ct(seed, max_in_plane=MAX_IN_PLANE)  # the pool case
+    outputs = engine.run_networks(ct, liver_prior=truth.liver_mask if reference_prior else None)
     g2, prior2 = outputs.grid2, outputs.prior2
 
-    def on_stage2_grid(noise):
-        quiet = phantom if noise else dataclasses.replace(phantom, noise_hu=0.0)
-        return ph.render(quiet, g2, np.random.default_rng(seed + 7))
+    def on_stage2_grid(domain=None):
+        return ph.render(ph.make_phantom(seed, domain), g2, np.random.default_rng(seed + 7))
 
-    rendered = on_stage2_grid(True)
+    rendered = on_stage2_grid()
     _, tissue, instances = rendered
     spacing_mm = np.asarray(g2.spacing, float)[::-1]
     inputs = {"scanner": lambda: outputs.hu2}
     if not case_only:
-        inputs.update({"scanner, noise-free": lambda: on_grid2(scanner_ct(seed, noise=False)[1], g2, cfg.hu_window),
+        quiet_ct = functools.partial(ph.generate_phantom_ct, seed, max_in_plane=MAX_IN_PLANE, domain=NOISE_FREE)
+        inputs.update({"scanner, noise-free": lambda: on_grid2(quiet_ct()[0], g2, cfg.hu_window),
                        "stage-2 grid": lambda: normalize_hu(rendered[0], cfg.hu_window),
-                       "stage-2 grid, noise-free": lambda: normalize_hu(on_stage2_grid(False)[0], cfg.hu_window)})
+                       "stage-2 grid, noise-free": lambda: normalize_hu(on_stage2_grid(NOISE_FREE)[0], cfg.hu_window)})
     for sigma_mm in smooth_mm:
         inputs[f"scanner, smoothed {sigma_mm:g} mm"] = functools.partial(ndimage.gaussian_filter, outputs.hu2,
                                                                          sigma_mm / spacing_mm)
@@ -139,7 +119,7 @@ def case_variants(engine, seed, reference_prior, smooth_mm=(), case_only=False):
             probs = engine._predict_views(engine.stage2, np.ascontiguousarray(x2(), np.float32), prior2,
                                           cfg.stage2_views)
         report[name] = judge(probs[2:].astype(np.float32).sum(0), tissue, instances, spacing_mm)
-    report["noise_hu"] = round(float(phantom.noise_hu), 1)
+    report["noise_hu"] = round(float(ph.make_phantom(seed).noise_hu), 1)
     report["scanner_spacing_mm"] = [round(float(s), 3) for s in np.linalg.norm(ct.ijk_to_ras[:3, :3], axis=0)]
     return report
 
@@ -150,7 +130,8 @@ def _rate(pairs):
 
 
 def summary(per_case: dict) -> dict:
-    variants = [v for v in next(iter(per_case.values())) if isinstance(next(iter(per_case.values()))[v], dict)]
+    first = next(iter(per_case.values()))
+    variants = [name for name, judged in first.items() if isinstance(judged, dict)]
     out = {}
     for variant in variants:
         rows = [case[variant] for case in per_case.values()]

@@ -24,6 +24,10 @@ liver's surface).
     python benchmarks/gpu_stage2_cycle.py /tmp/bankcycle/model /tmp/ft_liver3 --steps 2000 --peak-lr 3e-4 \
         --device cpu --workers 0 --bank /tmp/bank --type-weight liver=3
     python benchmarks/false_tissue.py /tmp/ft_liver3 --case-only --out benchmarks/results/false_tissue_liver3.json
+    # the rims of small lesions priced as the lesions (README, "Weighing the rims of small lesions")
+    python benchmarks/gpu_stage2_cycle.py /tmp/bankcycle/model /tmp/ft_rim2 --steps 2000 --peak-lr 3e-4 \
+        --device cpu --workers 0 --bank /tmp/bank --rim-px 2
+    python benchmarks/false_tissue.py /tmp/ft_rim2 --case-only --out benchmarks/results/false_tissue_rim2.json
 """
 
 from __future__ import annotations

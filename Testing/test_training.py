@@ -123,6 +123,32 @@ def test_stage2_batches_of_thick_slices_are_functions_of_their_step_and_bad_frac
         T.training_batch("stage1", T.STAGE_SEED_BASES["stage1"], 4, 4, None, 5, thick_fraction=0.5)
 
 
+def test_stage2_vessel_weight_weighs_only_the_intrahepatic_vessels_and_bad_factors_are_named(tmp_path):
+    """vessel_weight multiplies the loss weight of the intrahepatic vessels' pixels and nothing else: the slabs,
+    targets and every other weight are the unweighted batch's. A factor that is no factor, or one asked of stage 1,
+    is refused, and a bank rendered with it is another bank."""
+    plain = T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 1)
+    vessels = T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 1, vessel_weight=2.5)
+    assert torch.equal(plain[0], vessels[0]) and torch.equal(plain[1], vessels[1])
+    changed = plain[2] != vessels[2]
+    assert changed.sum() > 100  # this step's blocks cut through vessels
+    assert torch.allclose(vessels[2][changed], 2.5 * plain[2][changed])
+    assert (plain[1][changed] == STAGE2_LIVER).all()  # the target still calls them liver
+    assert changed.sum() < (plain[1] == STAGE2_LIVER).sum() / 10  # the vessels, not the whole liver
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="vessel_weight"):
+            T.training_batch("stage2", T.STAGE_SEED_BASES["stage2"], 2, 4, None, 1, vessel_weight=bad)
+        with pytest.raises(ValueError, match="vessel_weight"):
+            T.render_bank(tmp_path / "bad_bank", 1, 1, CascadeConfig(), batch=4, log=lambda m: None,
+                          vessel_weight=bad)
+    assert not (tmp_path / "bad_bank").exists()
+    with pytest.raises(ValueError, match="stage 2's"):
+        T.training_batch("stage1", T.STAGE_SEED_BASES["stage1"], 4, 4, None, 1, vessel_weight=2.0)
+    T.render_bank(tmp_path / "bank", 1, 0, CascadeConfig(), batch=4, log=lambda m: None)
+    with pytest.raises(ValueError, match="holds another bank"):
+        T.render_bank(tmp_path / "bank", 1, 0, CascadeConfig(), batch=4, log=lambda m: None, vessel_weight=2.0)
+
+
 def test_a_cycle_keeps_the_weights_of_every_nth_step_for_a_learning_curve(tmp_path):
     """With ``keep_every`` the loop keeps the weights of those steps beside its one resumable checkpoint: each is
     the weights the run had then (the last equals the final checkpoint's, earlier ones differ), a resumed run keeps

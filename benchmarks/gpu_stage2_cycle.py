@@ -22,6 +22,9 @@ liver's pixels (the false side) instead, against the bank cycle's confident fals
 ``--rim-px 2`` makes the non-lesion pixels within 2 pixels (2.5 mm) of a lesion weigh as much as its pixels
 (rim_weighted_batch): from the bank cycle, 2000 steps with it halved the false lesions v5.12's filter keeps on the
 pool against the same steps without (README, "Weighing the rims of small lesions").
+``--vessel-weight 5`` makes the intrahepatic vessels' pixels (liver in the target) weigh 5 times as much
+(training.stage2_batch's vessel_weight): rendered into the batches, so with ``--bank`` it needs a bank of its own
+(the same slabs as the plain bank's, other weights; render_bank refuses to mix them).
 ``--bank FOLDER --bank-batches N`` renders N training batches once (in ``--workers`` processes; a rerun renders only
 the missing ones) and draws each step's 16 slabs from them at random, mirrored at random (training.render_bank,
 training.SlabBank: ``liverlesionai train --steps2-bank`` trains the same cycle as stage 2's third): on 2 CPU cores
@@ -131,6 +134,9 @@ def main(argv=None):
     parser.add_argument("--rim-px", type=int, default=0,
                         help="non-lesion pixels within this many pixels of a lesion weigh as much as its pixels "
                              "(rim_weighted_batch; default 0: off, as the shipped cycles)")
+    parser.add_argument("--vessel-weight", type=float, default=1.0,
+                        help="multiply the intrahepatic vessels' pixel weights (training.stage2_batch; rendered into "
+                             "the batches, so a bank holds its own; default 1, as the shipped cycles)")
     parser.add_argument("--bank", type=Path, default=None,
                         help="draw the cycle's slabs from a bank of --bank-batches rendered batches in this folder "
                              "(rendered first where missing, in --workers processes) instead of rendering each step's")
@@ -147,6 +153,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"{args.out} exists: not overwriting a model")
+    try:
+        T.check_vessel_weight(args.vessel_weight)  # now, not in the render workers
+    except ValueError as error:
+        raise SystemExit(f"--vessel-weight: {error}") from None
     device = T.resolve_device(args.device)
     state, card = load_model(args.model)
     config = CascadeConfig.from_dict(card["architecture"])
@@ -160,12 +170,13 @@ def main(argv=None):
     if args.bank:
         if args.slab_slices is not None and args.slab_slices != parent_slices:
             raise SystemExit("--bank holds slabs of the default width: it cannot be combined with --slab-slices")
-        T.render_bank(args.bank, args.bank_batches, args.workers, config, thick_fraction=args.thick_slices)
+        T.render_bank(args.bank, args.bank_batches, args.workers, config, thick_fraction=args.thick_slices,
+                      vessel_weight=args.vessel_weight)
         bank = T.SlabBank(args.bank, args.bank_batches)
         make_batch, workers = bank.batch if args.bank_draw == "random" else bank.rendered_batch, 0
     else:
         make_batch = functools.partial(T.training_batch, "stage2", CYCLE_SEED_BASE, 2, 16, None, config=config,
-                                       thick_fraction=args.thick_slices)
+                                       thick_fraction=args.thick_slices, vessel_weight=args.vessel_weight)
     if args.lesion_min_weight != 1.0:
         make_batch = functools.partial(lesion_weighted_batch, make_batch, args.lesion_min_weight)
     if args.rim_px < 0:
@@ -196,7 +207,8 @@ def main(argv=None):
                f"stage-2 cycle of {step} of {args.steps} scheduled steps (peak lr {args.peak_lr:g}, 16 slabs, phantoms "
                f"{source}, lesion pixels weighing at least {args.lesion_min_weight:g}"
                f"{weighted_types}"
-               f"{f', pixels within {args.rim_px} of a lesion weighing as its pixels' if args.rim_px else ''}, slabs of "
+               f"{f', pixels within {args.rim_px} of a lesion weighing as its pixels' if args.rim_px else ''}"
+               f"{f', intrahepatic vessel pixels x{args.vessel_weight:g}' if args.vessel_weight != 1.0 else ''}, slabs of "
                f"{config.stage2.in_channels - 1} slices (the parent's {parent_slices}), "
                f"{args.workers} render workers, {device.type}, {seconds} s"
                f"{'' if step >= args.steps else ': stopped at the time limit before the schedule annealed'}); "

@@ -168,9 +168,17 @@ def check_thick_fraction(thick_fraction: float):
         raise ValueError(f"thick_fraction {thick_fraction}: a share of the blocks, from 0 to 1")
 
 
-def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4, thick_fraction=0.0):
+def check_vessel_weight(vessel_weight: float):
+    if not vessel_weight > 0.0:
+        raise ValueError(f"vessel_weight {vessel_weight}: a factor on the intrahepatic vessels' weight, over 0")
+
+
+def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4, thick_fraction=0.0,
+                 vessel_weight=1.0):
     """``thick_fraction`` of the blocks are rendered as CTs of thick slices resampled onto stage 2's grid
-    (phantom.render_thick_slices, a thickness of THICK_SLICES_MM and a slice profile drawn per block)."""
+    (phantom.render_thick_slices, a thickness of THICK_SLICES_MM and a slice profile drawn per block).
+    ``vessel_weight`` multiplies the loss weight of the intrahepatic vessels' pixels (liver in the target): a vessel
+    cut across is a bright disc in 3 slices, as a hemangioma's nodules are. The draws do not depend on it."""
     spacing = np.asarray(cfg.stage2_spacing)
     half = (cfg.stage2.in_channels - 1) // 2  # last channel is the liver prior
     pad = 5
@@ -199,10 +207,11 @@ def stage2_batch(source, cfg: CascadeConfig, rng, batch=16, size=96, per_block=4
         types = {les.lesion_id: les.lesion_type for les in phantom.lesions}
         target = to_view(stage2_targets(tissue, instances, types), view)
         inst = to_view(instances, view)
+        vessel = to_view(tissue == ph.LIVER_VESSEL, view)
         for c in range(pad + half, pad + half + per_block):
             xs.append(np.concatenate([x[c - half:c + half + 1], prior[c:c + 1]]))
             ys.append(target[c])
-            ws.append(lesion_pixel_weights(inst[c]))
+            ws.append(np.where(vessel[c], np.float32(vessel_weight), np.float32(1.0)) * lesion_pixel_weights(inst[c]))
     return (torch.from_numpy(np.stack(xs[:batch])), torch.from_numpy(np.stack(ys[:batch])),
             torch.from_numpy(np.stack(ws[:batch])))
 
@@ -212,22 +221,25 @@ BATCH_SEED = 12345
 
 
 def training_batch(part: str, seed_base: int, reuse: int, batch: int, domain, step: int,
-                   config: CascadeConfig | None = None, thick_fraction: float = 0.0):
+                   config: CascadeConfig | None = None, thick_fraction: float = 0.0, vessel_weight: float = 1.0):
     """Stage ``part``'s ("stage1" or "stage2") training batch of optimiser step ``step``, a function of its
     arguments alone, so batches can be rendered ahead in worker processes and a resumed run draws what an
     uninterrupted one would. The step renders ceil(batch / BLOCK_SLABS) blocks from the phantoms a sequential
     stream from ``seed_base`` would give it (each phantom serving ``reuse`` blocks). ``config`` sets the slab
-    (its stage's in_channels; default CascadeConfig()); ``thick_fraction`` is stage2_batch's."""
+    (its stage's in_channels; default CascadeConfig()); ``thick_fraction`` and ``vessel_weight`` are stage2_batch's."""
     blocks = -(-batch // BLOCK_SLABS)
     source = PhantomSource(seed_base + step * -(-blocks // reuse), reuse=reuse, domain=domain)
     check_thick_fraction(thick_fraction)
+    check_vessel_weight(vessel_weight)
     rng = np.random.default_rng([BATCH_SEED, step])
     if part == "stage1":
         if thick_fraction:
             raise ValueError("thick_fraction is stage 2's: stage 1 works at 3 mm")
+        if vessel_weight != 1.0:
+            raise ValueError("vessel_weight is stage 2's: stage 1's target calls the vessels liver, unweighted")
         return stage1_batch(source, config or CascadeConfig(), rng, batch, per_block=BLOCK_SLABS)
     return stage2_batch(source, config or CascadeConfig(), rng, batch, per_block=BLOCK_SLABS,
-                        thick_fraction=thick_fraction)
+                        thick_fraction=thick_fraction, vessel_weight=vessel_weight)
 
 
 def _render_worker_init():
@@ -293,18 +305,21 @@ def _bank_file(folder: Path, index: int) -> Path:
 
 
 def render_bank(folder, batches: int, workers: int, config: CascadeConfig, seed_base=STAGE2_BANK_SEED_BASE,
-                batch=16, domain=None, log=print, thick_fraction=0.0):
+                batch=16, domain=None, log=print, thick_fraction=0.0, vessel_weight=1.0):
     """Renders stage 2's training batches 0..``batches``-1 of the phantoms from ``seed_base`` into ``folder``, in
     ``workers`` processes (0: this one). Each batch is written whole or not at all, so a rerun renders only the
     missing ones; stored in float16 / uint8 (the HU window's 600 HU in steps under 0.3 HU). ``folder``'s
     bank.json names what it holds: a folder holding another bank is refused, not mixed into this one.
-    ``thick_fraction``: training_batch's."""
+    ``thick_fraction``, ``vessel_weight``: training_batch's."""
     check_thick_fraction(thick_fraction)  # before bank.json is written, not in the render workers
+    check_vessel_weight(vessel_weight)
     folder = Path(folder)
     recipe = {"seed_base": seed_base, "batch": batch, "reuse": 2, "domain": domain,
               "stage2_in_channels": config.stage2.in_channels}
     if thick_fraction:  # named only when used, so that banks rendered before it stay valid
         recipe["thick_fraction"] = thick_fraction
+    if vessel_weight != 1.0:
+        recipe["vessel_weight"] = vessel_weight
     manifest = json.dumps(recipe, sort_keys=True, default=str)
     folder.mkdir(parents=True, exist_ok=True)
     manifest_file = folder / "bank.json"
@@ -318,7 +333,7 @@ def render_bank(folder, batches: int, workers: int, config: CascadeConfig, seed_
         stale.unlink()
     missing = [i for i in range(batches) if not _bank_file(folder, i).exists()]
     make_batch = functools.partial(training_batch, "stage2", seed_base, 2, batch, domain, config=config,
-                                   thick_fraction=thick_fraction)
+                                   thick_fraction=thick_fraction, vessel_weight=vessel_weight)
     pool = None
     if workers > 0 and missing:
         import multiprocessing

@@ -53,7 +53,9 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from liverlesionai import training as T
 from liverlesionai.model_io import load_model, save_model
@@ -85,14 +87,9 @@ def rim_weighted_batch(make_batch, radius_px: int, step: int):
     bank cycle calls 45% of the liver within 2.5 mm of a lesion lesion (false_tissue.py), rims that merge neighbours."""
     x, target, weights = make_batch(step)
     lesion_weights = torch.where(target >= STAGE2_FIRST_LESION, weights, torch.zeros_like(weights))
-    padded = torch.nn.functional.pad(lesion_weights, (radius_px,) * 4)
-    rim = torch.zeros_like(weights)
-    rows, columns = weights.shape[-2:]
-    for dy in range(-radius_px, radius_px + 1):
-        for dx in range(-radius_px, radius_px + 1):
-            if dy * dy + dx * dx <= radius_px * radius_px:
-                shifted = padded[..., radius_px + dy:radius_px + dy + rows, radius_px + dx:radius_px + dx + columns]
-                rim = torch.maximum(rim, shifted)
+    offsets = np.arange(-radius_px, radius_px + 1)
+    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius_px ** 2
+    rim = torch.from_numpy(ndimage.grey_dilation(lesion_weights.numpy(), footprint=disc[None], mode="constant"))
     return x, target, torch.where(target < STAGE2_FIRST_LESION, torch.maximum(weights, rim), weights)
 
 
@@ -157,6 +154,8 @@ def main(argv=None):
         T.check_vessel_weight(args.vessel_weight)  # now, not in the render workers
     except ValueError as error:
         raise SystemExit(f"--vessel-weight: {error}") from None
+    if args.rim_px < 0:  # now, not after the bank is rendered
+        raise SystemExit(f"--rim-px {args.rim_px}: a radius in pixels cannot be negative")
     device = T.resolve_device(args.device)
     state, card = load_model(args.model)
     config = CascadeConfig.from_dict(card["architecture"])
@@ -179,8 +178,6 @@ def main(argv=None):
                                        thick_fraction=args.thick_slices, vessel_weight=args.vessel_weight)
     if args.lesion_min_weight != 1.0:
         make_batch = functools.partial(lesion_weighted_batch, make_batch, args.lesion_min_weight)
-    if args.rim_px < 0:
-        raise SystemExit(f"--rim-px {args.rim_px}: a radius in pixels cannot be negative")
     if args.rim_px:
         make_batch = functools.partial(rim_weighted_batch, make_batch, args.rim_px)
     factors = type_factors(args.type_weight)
